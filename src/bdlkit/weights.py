@@ -62,7 +62,9 @@ def flatten_params(
     return flat if dtype is None else flat.to(dtype)
 
 
-def assign_params(module_or_params: nn.Module | Iterable[torch.Tensor], vector: torch.Tensor) -> None:
+def assign_params(
+    module_or_params: nn.Module | Iterable[torch.Tensor], vector: torch.Tensor
+) -> None:
     """Copy ``vector`` into the parameters in place (inverse of :func:`flatten_params`).
 
     The length is checked before anything is written, so a bad vector leaves the module intact.

@@ -1,0 +1,387 @@
+"""TRIP: the tensor-ring induced prior (Kuznetsov et al., 2019).
+
+A TRIP over ``z in R^D`` attaches ``d`` one-dimensional Gaussians ``N(mu_kj, sigma_kj^2)`` to every
+latent dimension ``k`` and a non-negative core ``Q_k in R^{d x m x m}`` (``m`` is the ring rank).
+The density is a mixture of ``d^D`` Gaussians whose weights form a tensor ring::
+
+    p(z) = Tr(prod_k sum_j Q_k[j] N(z_k | mu_kj, sigma_kj^2)) / Tr(prod_k sum_j Q_k[j])
+
+Everything is computed in ``O(D (d m^2 + m^3))`` without enumerating components. Because all
+factors are non-negative there is no cancellation: every factor is rescaled by its maximum and
+the logs of the scales are accumulated, which keeps float32 exact to rounding at large ``D``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["TRIP"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _normalise(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divide each trailing ``m x m`` matrix by its max entry; return (matrix, log scale)."""
+    scale = mat.detach().amax(dim=(-2, -1)).clamp_min(torch.finfo(mat.dtype).tiny)
+    return mat / scale[..., None, None], scale.log()
+
+
+def _log_trace_of_chain(mats: torch.Tensor) -> torch.Tensor:
+    """``log Tr(mats[..., 0, :, :] @ mats[..., 1, :, :] @ ...)`` for non-negative matrices.
+
+    ``mats`` has shape ``(..., K, m, m)``; the product is taken by pairwise (tree) reduction in
+    ``ceil(log2 K)`` batched matmuls, renormalising after each level.
+    """
+    mats, log_scale = _normalise(mats)
+    log_scale = log_scale.sum(-1)
+    while mats.shape[-3] > 1:
+        k = mats.shape[-3]
+        half = k // 2
+        prod = mats[..., 0 : 2 * half : 2, :, :] @ mats[..., 1 : 2 * half : 2, :, :]
+        if k % 2:
+            prod = torch.cat([prod, mats[..., -1:, :, :]], dim=-3)
+        mats, ls = _normalise(prod)
+        log_scale = log_scale + ls.sum(-1)
+    trace = torch.diagonal(mats[..., 0, :, :], dim1=-2, dim2=-1).sum(-1)
+    return log_scale + trace.log()
+
+
+class TRIP(nn.Module):
+    """Tensor-ring induced prior: a learnable mixture of ``d^D`` diagonal Gaussians.
+
+    Args:
+        dim: latent dimension ``D``.
+        n_components: Gaussians per dimension ``d``.
+        rank: tensor-ring rank ``m``.
+        mean_range: initial means are spread uniformly over ``[-mean_range, mean_range]``.
+        init_std: initial standard deviation of every Gaussian (a *standard deviation*, not a
+            variance).
+
+    Parameters are ``raw_means`` (D x d), ``log_stds`` (D x d) and ``log_cores`` (D x d x m x m);
+    the cores are ``exp(log_cores)``, a smooth positive parametrisation. The effective mixture
+    parameters are exposed as :attr:`means`, :attr:`stds` and :attr:`cores`.
+
+    Missing dimensions (NaN in ``z`` or ``observed=False``) are marginalised exactly by
+    replacing their factor with ``sum_j Q_k[j]``; the caller's tensor is never modified.
+
+    Example:
+        >>> prior = TRIP(dim=4, n_components=3, rank=2)
+        >>> z = prior.sample(5)
+        >>> prior.log_prob(z).shape
+        torch.Size([5])
+        >>> zc = z.clone(); zc[:, 2:] = float("nan")
+        >>> torch.allclose(prior.sample(5, condition=zc)[:, :2], z[:, :2])
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_components: int,
+        rank: int,
+        *,
+        mean_range: float = 2.0,
+        init_std: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.dim = _check_positive_int("dim", dim)
+        self.n_components = _check_positive_int("n_components", n_components)
+        self.rank = _check_positive_int("rank", rank)
+        if not (math.isfinite(mean_range) and mean_range >= 0):
+            raise ValueError(f"mean_range must be finite and >= 0, got {mean_range}")
+        if not (math.isfinite(init_std) and init_std > 0):
+            raise ValueError(f"init_std must be finite and > 0, got {init_std}")
+        D, d, m = dim, n_components, rank
+        means = torch.linspace(-mean_range, mean_range, d).expand(D, d).clone()
+        self.raw_means = nn.Parameter(means)
+        self.log_stds = nn.Parameter(torch.full((D, d), math.log(init_std)))
+        # Identity-dominated cores with a little noise: close to a product of independent
+        # mixtures at the start, with off-diagonal mass so the ring can learn correlations.
+        base = torch.eye(m) + 0.1
+        noise = 0.1 * torch.randn(D, d, m, m)
+        self.log_cores = nn.Parameter(base.log().expand(D, d, m, m) + noise)
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def means(self) -> torch.Tensor:
+        """Component means, shape ``(D, d)``."""
+        return self.raw_means
+
+    @property
+    def stds(self) -> torch.Tensor:
+        """Component standard deviations, shape ``(D, d)``."""
+        return self.log_stds.exp()
+
+    @property
+    def cores(self) -> torch.Tensor:
+        """Non-negative tensor-ring cores, shape ``(D, d, m, m)``."""
+        return self.log_cores.exp()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n_components={self.n_components}, rank={self.rank}"
+
+    def _check_parameters(self) -> None:
+        for name, p in (
+            ("raw_means", self.raw_means),
+            ("log_stds", self.log_stds),
+            ("log_cores", self.log_cores),
+        ):
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"TRIP parameter {name} contains non-finite values")
+
+    def _scaled_cores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cores divided by their per-dimension maximum; returns (cores, log scale per dim)."""
+        lc = self.log_cores
+        mx = lc.detach().amax(dim=(1, 2, 3))
+        return (lc - mx[:, None, None, None]).exp(), mx
+
+    # ------------------------------------------------------------------ validation
+    def _prepare(
+        self, z: torch.Tensor, observed: torch.Tensor | None, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """Validate ``z``; return (flattened filled z, flattened observed mask, batch shape)."""
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if not z.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {z.dtype}")
+        if z.dim() < 1 or z.shape[-1] != self.dim:
+            raise ValueError(
+                f"{name} must have shape (..., {self.dim}), got {tuple(z.shape)}"
+            )
+        nan = torch.isnan(z)
+        if bool(torch.isinf(z).any()):
+            raise ValueError(f"{name} contains infinite values")
+        if observed is not None:
+            if not isinstance(observed, torch.Tensor) or observed.dtype != torch.bool:
+                raise TypeError("observed must be a bool tensor")
+            try:
+                observed = torch.broadcast_to(observed, z.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"observed of shape {tuple(observed.shape)} does not broadcast to "
+                    f"{name} of shape {tuple(z.shape)}"
+                ) from None
+            obs = observed & ~nan
+        else:
+            obs = ~nan
+        batch_shape = tuple(z.shape[:-1])
+        z_flat = torch.where(obs, z, torch.zeros((), dtype=z.dtype, device=z.device))
+        return z_flat.reshape(-1, self.dim), obs.reshape(-1, self.dim), batch_shape
+
+    # ------------------------------------------------------------------ densities
+    def _component_log_density(self, z: torch.Tensor) -> torch.Tensor:
+        """``log N(z_k | mu_kj, sigma_kj^2)``, shape ``(B, D, d)``."""
+        diff = (z[:, :, None] - self.means) / self.stds
+        return -0.5 * (diff * diff + _LOG_2PI) - self.log_stds
+
+    def _log_weighted_chain(self, log_w: torch.Tensor) -> torch.Tensor:
+        """``log Tr(prod_k sum_j exp(log_w[:, k, j]) Q_k[j])`` for a batch of weights (B, D, d)."""
+        q, q_log_scale = self._scaled_cores()
+        w_max = log_w.detach().amax(-1)
+        w = (log_w - w_max[..., None]).exp()
+        mats = torch.einsum("bkj,kjxy->bkxy", w, q)
+        return _log_trace_of_chain(mats) + w_max.sum(-1) + q_log_scale.sum()
+
+    def log_normaliser(self) -> torch.Tensor:
+        """``log Tr(prod_k sum_j Q_k[j])`` (a scalar tensor)."""
+        self._check_parameters()
+        q, q_log_scale = self._scaled_cores()
+        return _log_trace_of_chain(q.sum(1)) + q_log_scale.sum()
+
+    def log_prob(self, z: torch.Tensor, observed: torch.Tensor | None = None) -> torch.Tensor:
+        """Log density of ``z`` (shape ``(..., D)``), marginalising NaN / unobserved dims.
+
+        Args:
+            z: points, shape ``(..., D)``. NaN entries are treated as missing.
+            observed: optional bool mask broadcastable to ``z``; ``False`` marks missing dims.
+
+        Returns:
+            Tensor of shape ``z.shape[:-1]``: the (marginal) log density of the observed dims.
+
+        Raises:
+            ValueError: wrong last dimension, infinite values, a row with no observed dim,
+                or non-finite parameters.
+        """
+        self._check_parameters()
+        z_flat, obs, batch_shape = self._prepare(z, observed, "z")
+        if z_flat.shape[0] and not bool(obs.any(-1).all()):
+            raise ValueError("z has rows in which every dimension is missing (NaN/unobserved)")
+        z_flat = z_flat.to(self.raw_means.dtype)
+        log_n = self._component_log_density(z_flat)
+        log_n = torch.where(obs[:, :, None], log_n, torch.zeros_like(log_n))
+        out = self._log_weighted_chain(log_n) - self.log_normaliser()
+        return out.reshape(batch_shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Alias of :meth:`log_prob`."""
+        return self.log_prob(z)
+
+    # ------------------------------------------------------------------ sampling
+    def _sample_indices(
+        self,
+        n: int,
+        log_w: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Exact ancestral sampling of component indices ``(n, D)``.
+
+        With ``log_w`` (shape ``(n, D, d)``) indices are drawn from the distribution
+        proportional to ``Tr(prod_k w[k, j_k] Q_k[j_k])`` (the posterior over components given
+        observed dims); without it from ``Tr(prod_k Q_k[j_k])``.
+        """
+        q, _ = self._scaled_cores()
+        D, d, m = self.dim, self.n_components, self.rank
+        eye = torch.eye(m, dtype=q.dtype, device=q.device)
+        if log_w is None:
+            w = None
+            sums = q.sum(1)  # (D, m, m)
+        else:
+            w = (log_w - log_w.amax(-1, keepdim=True)).exp()  # (n, D, d)
+            sums = torch.einsum("nkj,kjxy->nkxy", w, q)
+        # suffix[k] = S_k S_{k+1} ... S_{D-1} (normalised); suffix[D] = I.
+        suffix = [eye.expand(sums.shape[:-3] + (m, m))]
+        for k in range(D - 1, -1, -1):
+            suffix.append(_normalise(sums[..., k, :, :] @ suffix[-1])[0])
+        suffix.reverse()
+        left = eye.expand(n, m, m)
+        idx = torch.empty(n, D, dtype=torch.long, device=q.device)
+        for k in range(D):
+            rl = suffix[k + 1] @ left  # (n, m, m)
+            p = torch.einsum("jab,nba->nj", q[k], rl)
+            if w is not None:
+                p = p * w[:, k, :]
+            p = p.clamp_min(0)
+            u = torch.rand(n, 1, dtype=p.dtype, device=p.device, generator=generator)
+            cdf = p.cumsum(-1)
+            j = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(d - 1).squeeze(-1)
+            idx[:, k] = j
+            left = _normalise(left @ q[k][j])[0]
+        return idx
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        condition: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        return_indices: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Exact samples, optionally conditioned on some coordinates.
+
+        Args:
+            n: number of samples.
+            condition: optional tensor of shape ``(D,)`` or ``(n, D)``; finite entries are kept
+                fixed and NaN entries are generated from the conditional distribution.
+            generator: optional ``torch.Generator`` for reproducibility.
+            return_indices: also return the sampled component indices ``(n, D)``.
+
+        Returns:
+            Samples of shape ``(n, D)`` (and the indices if requested).
+        """
+        n = _check_positive_int("n", n)
+        self._check_parameters()
+        dtype, device = self.raw_means.dtype, self.raw_means.device
+        log_w = None
+        cond = None
+        if condition is not None:
+            z_flat, obs, batch_shape = self._prepare(condition, None, "condition")
+            if len(batch_shape) == 0:
+                z_flat, obs = z_flat.expand(n, -1), obs.expand(n, -1)
+            elif batch_shape != (n,):
+                raise ValueError(
+                    f"condition must have shape ({self.dim},) or ({n}, {self.dim}), "
+                    f"got {tuple(condition.shape)}"
+                )
+            z_flat = z_flat.to(dtype=dtype, device=device)
+            obs = obs.to(device)
+            log_n = self._component_log_density(z_flat)
+            log_w = torch.where(obs[:, :, None], log_n, torch.zeros_like(log_n))
+            cond = (z_flat, obs)
+        if log_w is None:
+            idx = self._sample_indices(n, None, generator)
+        else:
+            # per-sample suffix products cost n*D*m*m memory: chunk to keep it bounded
+            chunk = max(1, (1 << 24) // max(1, self.dim * self.rank * self.rank))
+            idx = torch.cat(
+                [
+                    self._sample_indices(w.shape[0], w, generator)
+                    for w in log_w.split(chunk)
+                ]
+            )
+        mu = torch.gather(self.means.expand(n, -1, -1), 2, idx[:, :, None]).squeeze(-1)
+        sd = torch.gather(self.stds.expand(n, -1, -1), 2, idx[:, :, None]).squeeze(-1)
+        eps = torch.randn(n, self.dim, dtype=dtype, device=device, generator=generator)
+        z = mu + sd * eps
+        if cond is not None:
+            z = torch.where(cond[1], cond[0], z)
+        return (z, idx) if return_indices else z
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_from_data(self, z: torch.Tensor, n_iter: int = 50, min_std: float = 1e-2) -> TRIP:
+        """Initialise from data by fitting a 1-D Gaussian mixture to each dimension (EM).
+
+        Means and stds are set to the fitted components; each core becomes
+        ``pi_kj * (I + 0.1)`` (plus slight noise), so that the prior starts close to the product
+        of the fitted per-dimension mixtures.
+
+        Args:
+            z: data of shape ``(N, D)``, finite, with ``N >= n_components``.
+            n_iter: EM iterations.
+            min_std: lower bound on each fitted std, relative to the dimension's data std.
+
+        Returns:
+            ``self``.
+        """
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise TypeError("z must be a floating-point torch.Tensor")
+        if z.dim() != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"z must have shape (N, {self.dim}), got {tuple(z.shape)}")
+        if z.shape[0] < self.n_components:
+            raise ValueError(
+                f"z needs at least n_components={self.n_components} rows, got {z.shape[0]}"
+            )
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("z must be finite")
+        _check_positive_int("n_iter", n_iter)
+        if not (min_std > 0):
+            raise ValueError(f"min_std must be > 0, got {min_std}")
+        x = z.detach().to(torch.float64)
+        d = self.n_components
+        data_std = x.std(0).clamp_min(1e-6)  # (D,)
+        qs = (torch.arange(d, dtype=x.dtype) + 0.5) / d
+        mu = torch.quantile(x, qs, dim=0).T.contiguous()  # (D, d)
+        sd = (data_std / d)[:, None].expand(-1, d).clone()
+        logpi = torch.full_like(mu, -math.log(d))
+        floor = (min_std * data_std)[:, None]
+        for _ in range(n_iter):
+            diff = (x[:, :, None] - mu) / sd
+            logr = logpi - 0.5 * diff * diff - sd.log()
+            r = torch.softmax(logr, dim=-1)  # (N, D, d)
+            nk = r.sum(0) + 1e-10
+            mu = (r * x[:, :, None]).sum(0) / nk
+            var = (r * (x[:, :, None] - mu) ** 2).sum(0) / nk
+            sd = torch.maximum(var.sqrt(), floor)
+            logpi = (nk / nk.sum(-1, keepdim=True)).log()
+        m = self.rank
+        base = (torch.eye(m, dtype=x.dtype) + 0.1).log()
+        log_cores = logpi[:, :, None, None] + base + 0.01 * torch.randn(
+            self.dim, d, m, m, dtype=x.dtype
+        )
+        dt = self.raw_means.dtype
+        self.raw_means.copy_(mu.to(dt))
+        self.log_stds.copy_(sd.log().to(dt))
+        self.log_cores.copy_(log_cores.to(dt))
+        return self
