@@ -10,7 +10,6 @@ TORCH_VERSION := 2.13.0
 $(STAMP): pyproject.toml scripts/install-data.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	bash scripts/install-data.sh $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev,lightning]'
