@@ -61,7 +61,8 @@ def refresh_bn(
 
     Works for tensor, tuple and dict batches (``call_fn(model, batch)`` for anything else),
     over all batches or the first ``num_batches``. Under an initialised ``torch.distributed``
-    process group the statistics are averaged over ranks, weighted by each rank's sample count.
+    process group the statistics are averaged over ranks, weighted by each rank's batch count,
+    which equals one process refreshing on all ranks' batches.
     The model's training flag is restored afterwards. Models without BatchNorm are returned as is.
 
     Example:
@@ -103,17 +104,20 @@ def refresh_bn(
 
 
 def _all_reduce_stats(bns: list[nn.modules.batchnorm._BatchNorm]) -> None:
-    """Average running mean/var over ranks, weighted by batches seen (num_batches_tracked)."""
+    """Pool running mean/var over ranks, weighted by the batches each rank saw.
+
+    Each rank holds the equal-weight average of its per-batch means and variances, so the
+    batch-weighted average of both is exactly what one process would compute over all ranks'
+    batches (the same cumulative average; no between-rank spread is added).
+    """
     for bn in bns:
         w = bn.num_batches_tracked.to(bn.running_mean.dtype).clone()
         total = w.clone()
         dist.all_reduce(total)
         mean = bn.running_mean * w
-        # E[x^2] per rank = var + mean^2, so the pooled variance keeps between-rank spread.
-        second = (bn.running_var + bn.running_mean**2) * w
+        var = bn.running_var * w
         dist.all_reduce(mean)
-        dist.all_reduce(second)
-        mean /= total
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(second / total - mean**2)
+        dist.all_reduce(var)
+        bn.running_mean.copy_(mean / total)
+        bn.running_var.copy_(var / total)
         bn.num_batches_tracked.copy_(total.to(bn.num_batches_tracked.dtype))

@@ -13,6 +13,13 @@ from typing import Any
 # Order matters: `bdlkit run all` runs them in this order.
 RECIPES: dict[str, str] = {
     "baseline": "bdlkit.experiments.baseline",
+    "swag": "bdlkit.experiments.swag",
+    "fge": "bdlkit.experiments.fge",
+    "curves": "bdlkit.experiments.curves",
+    "sbp": "bdlkit.experiments.sbp",
+    "perforation": "bdlkit.experiments.perforation",
+    "trip": "bdlkit.experiments.trip",
+    "imh": "bdlkit.experiments.imh",
 }
 
 Recipe = Callable[..., dict[str, Any]]
