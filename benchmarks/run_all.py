@@ -1,4 +1,4 @@
-"""Run every benchmark script in this folder (``make bench``); each writes JSON + PNG to results/."""
+"""Run every benchmark script here (`make bench`); each writes JSON + PNG to results/."""
 
 from __future__ import annotations
 

@@ -164,6 +164,18 @@ def test_collect_fge_bad_input_and_include_start():
     assert len(ens) == 2 and torch.equal(ens.members[0].weight, net.weight)
 
 
+def test_collect_fge_bn_refresh_of_snapshots():
+    torch.manual_seed(0)
+    loader, x, _ = _toy_problem()
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    bn_data = [x[:128] * 3 + 1]
+    ens = collect_fge(net, loader, num_snapshots=2, cycle=2, bn_loader=bn_data)
+    for snap in ens.members:
+        assert not snap.training
+        h = snap[0](bn_data[0])
+        torch.testing.assert_close(snap[1].running_mean, h.mean(0).detach(), rtol=1e-4,
+                                   atol=1e-5)
+
 def test_fge_ensemble_beats_start_on_nll():
     """FGE from an under-trained model: ensemble NLL below the starting model's."""
     torch.manual_seed(1)

@@ -58,6 +58,8 @@ def test_moments_and_ring_buffer_match_brute_force(n_collect):
     assert swag.rank == min(n_collect, 3)
     torch.testing.assert_close(swag.deviations, torch.stack(devs[-3:]), rtol=0, atol=1e-12)
     assert swag._dev.shape == (3, swag.num_params)  # preallocated, never grows
+    held = sum(t.numel() for t in vars(swag).values() if isinstance(t, torch.Tensor))
+    assert held == (3 + 2) * swag.num_params  # (K + 2) * d, nothing else
 
 
 def test_swa_mean_equals_averaged_model():

@@ -83,7 +83,9 @@ class Curve(nn.Module):
         if isinstance(num_bends, bool) or not isinstance(num_bends, int):
             raise TypeError(f"num_bends must be an int, got {type(num_bends).__name__}")
         if num_bends < 2:
-            raise ValueError(f"num_bends must be >= 2 (control points incl. endpoints), got {num_bends}")
+            raise ValueError(
+                f"num_bends must be >= 2 (control points incl. endpoints), got {num_bends}"
+            )
         if type(start) is not type(end) or _signature(start) != _signature(end):
             raise ValueError(
                 "end must have the same architecture as start (same class, parameter and buffer "
@@ -410,7 +412,7 @@ def evaluate_path(
         if needs_bn:
             refresh_bn(model, bn_loader, num_batches=num_bn_batches)  # type: ignore[arg-type]
         model.eval()
-        result["l2"].append(float(sum(p.pow(2).sum() for p in model.parameters())))
+        result["l2"].append(float(sum(p.detach().pow(2).sum() for p in model.parameters())))
         for name, ld in loaders.items():
             prefix = f"{name}_" if name else ""
             for k, v in _eval_model(model, ld, device).items():

@@ -75,7 +75,9 @@ class MLPGenerator(nn.Module):
     Args:
         latent_dim: size of the latent code.
         out_shape: shape of one sample, e.g. ``(1, 28, 28)`` or ``(2,)``.
-        hidden: widths of the hidden layers (ReLU).
+        hidden: widths of the hidden layers (LeakyReLU 0.2).
+        batchnorm: BatchNorm1d after each hidden linear layer (stabilises MNIST training;
+            in eval mode the running statistics are used).
         out_activation: ``"sigmoid"`` (data in [0, 1]), ``"tanh"`` (data in [-1, 1]) or
             ``None`` (unbounded, e.g. 2-D toy data).
 
@@ -91,6 +93,7 @@ class MLPGenerator(nn.Module):
         out_shape: Sequence[int] | int,
         hidden: Sequence[int] = (256, 512),
         out_activation: str | None = "sigmoid",
+        batchnorm: bool = False,
     ) -> None:
         super().__init__()
         _check_pos_int("latent_dim", latent_dim)
@@ -108,7 +111,9 @@ class MLPGenerator(nn.Module):
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
+                if batchnorm:
+                    layers.append(nn.BatchNorm1d(b))
+                layers.append(nn.LeakyReLU(0.2))
         if out_activation == "sigmoid":
             layers.append(nn.Sigmoid())
         elif out_activation == "tanh":
@@ -250,7 +255,7 @@ class ReinforcePriorStep:
         self.optimizer.step()
         d = self.baseline_decay
         self.baseline = mean if self.baseline is None else d * self.baseline + (1 - d) * mean
-        self.last_loss = float(loss)
+        self.last_loss = float(loss.detach())
 
 
 def mnist_gan(
@@ -265,7 +270,7 @@ def mnist_gan(
         >>> D(G(torch.randn(2, 16))).shape
         torch.Size([2])
     """
-    G = MLPGenerator(latent_dim, (1, 28, 28), g_hidden, out_activation="sigmoid")
+    G = MLPGenerator(latent_dim, (1, 28, 28), g_hidden, out_activation="sigmoid", batchnorm=True)
     D = MLPDiscriminator((1, 28, 28), d_hidden)
     return G, D
 

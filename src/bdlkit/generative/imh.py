@@ -422,6 +422,8 @@ def train_discriminator(
         keep_best: with validation data, restore the parameters with the lowest validation
             loss at the end (early stopping against overfitting).
 
+    The module is left in eval mode.
+
     Returns:
         ``{"step", "train_loss", "val_loss", "val_acc"}`` (validation lists empty without
         validation data).
@@ -445,7 +447,6 @@ def train_discriminator(
     opt = optimizer or torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     hist: dict[str, list[float]] = {"step": [], "train_loss": [], "val_loss": [], "val_acc": []}
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    was_training = discriminator.training
     running, cnt = 0.0, 0
     for step in range(1, steps + 1):
         discriminator.train()
@@ -474,7 +475,6 @@ def train_discriminator(
                                  for k, v in discriminator.state_dict().items()})
     if best is not None:
         discriminator.load_state_dict(best[1])
-    discriminator.train(was_training)
     discriminator.eval()
     return hist
 
@@ -554,7 +554,6 @@ def train_pair_discriminator(
     opt = optimizer or torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     hist: dict[str, list[float]] = {"step": [], "train_loss": [], "val_loss": [], "val_acc": []}
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    was_training = discriminator.training
     val_pairs = None
     if val_real is not None:
         val_pairs = (val_real, propose(val_real))
@@ -590,7 +589,6 @@ def train_pair_discriminator(
                                       for k, v in discriminator.state_dict().items()})
     if best is not None:
         discriminator.load_state_dict(best[1])
-    discriminator.train(was_training)
     discriminator.eval()
     return hist
 

@@ -6,9 +6,11 @@ The density is a mixture of ``d^D`` Gaussians whose weights form a tensor ring::
 
     p(z) = Tr(prod_k sum_j Q_k[j] N(z_k | mu_kj, sigma_kj^2)) / Tr(prod_k sum_j Q_k[j])
 
-Everything is computed in ``O(D (d m^2 + m^3))`` without enumerating components. Because all
-factors are non-negative there is no cancellation: every factor is rescaled by its maximum and
-the logs of the scales are accumulated, which keeps float32 exact to rounding at large ``D``.
+Everything is computed in ``O(D (d m^2 + m^3))`` per point without enumerating components.
+Because all factors are non-negative there is no cancellation: the Gaussian weights are shifted
+so every factor's largest entry lies in ``[1, d]``, the running product is rescaled by its
+maximum after every step and the logs of the scales are accumulated, which keeps float32
+accurate to rounding at large ``D``.
 """
 
 from __future__ import annotations
@@ -38,23 +40,47 @@ def _normalise(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _log_trace_of_chain(mats: torch.Tensor) -> torch.Tensor:
-    """``log Tr(mats[..., 0, :, :] @ mats[..., 1, :, :] @ ...)`` for non-negative matrices.
+    """``log Tr(mats[0] @ mats[1] @ ... @ mats[K-1])`` for non-negative matrices.
 
-    ``mats`` has shape ``(..., K, m, m)``; the product is taken by pairwise (tree) reduction in
-    ``ceil(log2 K)`` batched matmuls, renormalising after each level.
+    ``mats`` has shape ``(K, B, m, m)``; returns shape ``(B,)``. Neighbouring factors are
+    multiplied pairwise (a tree: ``ceil(log2 K)`` batched matmuls, few Python-level ops) and
+    every partial product is renormalised by its max entry, accumulating the log scales.
     """
-    mats, log_scale = _normalise(mats)
-    log_scale = log_scale.sum(-1)
-    while mats.shape[-3] > 1:
-        k = mats.shape[-3]
+    log_scale = torch.zeros(mats.shape[1], dtype=mats.dtype, device=mats.device)
+    while mats.shape[0] > 1:
+        k = mats.shape[0]
         half = k // 2
-        prod = mats[..., 0 : 2 * half : 2, :, :] @ mats[..., 1 : 2 * half : 2, :, :]
-        if k % 2:
-            prod = torch.cat([prod, mats[..., -1:, :, :]], dim=-3)
-        mats, ls = _normalise(prod)
-        log_scale = log_scale + ls.sum(-1)
-    trace = torch.diagonal(mats[..., 0, :, :], dim1=-2, dim2=-1).sum(-1)
+        prod = torch.matmul(mats[0 : 2 * half : 2], mats[1 : 2 * half : 2])
+        prod, ls = _normalise(prod)
+        log_scale = log_scale + ls.sum(0)
+        mats = torch.cat([prod, mats[-1:]]) if k % 2 else prod
+    trace = torch.diagonal(mats[0], dim1=-2, dim2=-1).sum(-1)
     return log_scale + trace.log()
+
+
+def _kmeans(x: torch.Tensor, k: int, n_iter: int, generator: torch.Generator | None
+            ) -> torch.Tensor:
+    """Labels of a k-means++ seeded Lloyd clustering of the rows of ``x``, shape ``(N,)``."""
+    n = x.shape[0]
+    first = torch.randint(0, n, (1,), generator=generator)
+    centres = x[first]
+    d2 = ((x - centres) ** 2).sum(-1)
+    for _ in range(1, k):
+        probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / n)
+        nxt = torch.multinomial(probs, 1, generator=generator)
+        centres = torch.cat([centres, x[nxt]])
+        d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(-1))
+    labels = torch.cdist(x, centres).argmin(-1)
+    for _ in range(n_iter):
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)
+        counts = onehot.sum(0)
+        new = (onehot.T @ x) / counts.clamp_min(1)[:, None]
+        centres = torch.where(counts[:, None] > 0, new, centres)
+        new_labels = torch.cdist(x, centres).argmin(-1)
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+    return labels
 
 
 class TRIP(nn.Module):
@@ -187,17 +213,21 @@ class TRIP(nn.Module):
 
     def _log_weighted_chain(self, log_w: torch.Tensor) -> torch.Tensor:
         """``log Tr(prod_k sum_j exp(log_w[:, k, j]) Q_k[j])`` for a batch of weights (B, D, d)."""
-        q, q_log_scale = self._scaled_cores()
-        w_max = log_w.detach().amax(-1)
-        w = (log_w - w_max[..., None]).exp()
-        mats = torch.einsum("bkj,kjxy->bkxy", w, q)
-        return _log_trace_of_chain(mats) + w_max.sum(-1) + q_log_scale.sum()
+        q, q_log_scale = self._scaled_cores()  # (D, d, m, m), max entry 1 per dimension
+        log_qmax = q.detach().amax(dim=(-2, -1)).log()  # (D, d)
+        # shift so that max_j w_kj * max(Q_k[j]) = 1: every factor's max entry is in [1, d]
+        shift = (log_w.detach() + log_qmax).amax(-1)  # (B, D)
+        w = (log_w - shift[..., None]).exp()
+        D, m = self.dim, self.rank
+        mats = torch.bmm(w.transpose(0, 1), q.reshape(D, self.n_components, m * m))
+        mats = mats.reshape(D, -1, m, m)  # (D, B, m, m)
+        return _log_trace_of_chain(mats) + shift.sum(-1) + q_log_scale.sum()
 
     def log_normaliser(self) -> torch.Tensor:
         """``log Tr(prod_k sum_j Q_k[j])`` (a scalar tensor)."""
         self._check_parameters()
         q, q_log_scale = self._scaled_cores()
-        return _log_trace_of_chain(q.sum(1)) + q_log_scale.sum()
+        return _log_trace_of_chain(q.sum(1)[:, None])[0] + q_log_scale.sum()
 
     def log_prob(self, z: torch.Tensor, observed: torch.Tensor | None = None) -> torch.Tensor:
         """Log density of ``z`` (shape ``(..., D)``), marginalising NaN / unobserved dims.
@@ -250,23 +280,31 @@ class TRIP(nn.Module):
             w = (log_w - log_w.amax(-1, keepdim=True)).exp()  # (n, D, d)
             sums = torch.einsum("nkj,kjxy->nkxy", w, q)
         # suffix[k] = S_k S_{k+1} ... S_{D-1} (normalised); suffix[D] = I.
-        suffix = [eye.expand(sums.shape[:-3] + (m, m))]
+        suffix: list[torch.Tensor] = [eye if w is None else eye.repeat(n, 1, 1)]
         for k in range(D - 1, -1, -1):
             suffix.append(_normalise(sums[..., k, :, :] @ suffix[-1])[0])
         suffix.reverse()
-        left = eye.expand(n, m, m)
+        left: torch.Tensor | None = None  # prefix product Q_0[j_0] ... Q_{k-1}[j_{k-1}], (n, m, m)
         idx = torch.empty(n, D, dtype=torch.long, device=q.device)
         for k in range(D):
-            rl = suffix[k + 1] @ left  # (n, m, m)
-            p = torch.einsum("jab,nba->nj", q[k], rl)
-            if w is not None:
+            # p[n, j] = Tr(left_n Q_k[j] suffix_{k+1}) (times w[n, k, j])
+            if w is None:
+                qr = q[k] @ suffix[k + 1]  # (d, m, m), shared by all samples
+                if left is None:
+                    p = torch.diagonal(qr, dim1=-2, dim2=-1).sum(-1).expand(n, d)
+                else:
+                    p = left.reshape(n, m * m) @ qr.transpose(-2, -1).reshape(d, m * m).T
+            else:
+                rl = suffix[k + 1] if left is None else torch.bmm(suffix[k + 1], left)
+                p = rl.transpose(-2, -1).reshape(n, m * m) @ q[k].reshape(d, m * m).T
                 p = p * w[:, k, :]
             p = p.clamp_min(0)
             u = torch.rand(n, 1, dtype=p.dtype, device=p.device, generator=generator)
             cdf = p.cumsum(-1)
             j = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(d - 1).squeeze(-1)
             idx[:, k] = j
-            left = _normalise(left @ q[k][j])[0]
+            qj = q[k][j]  # (n, m, m), contiguous
+            left = _normalise(qj if left is None else torch.bmm(left, qj))[0]
         return idx
 
     @torch.no_grad()
@@ -330,17 +368,27 @@ class TRIP(nn.Module):
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_from_data(self, z: torch.Tensor, n_iter: int = 50, min_std: float = 1e-2) -> TRIP:
+    def init_from_data(self, z: torch.Tensor, n_iter: int = 50, min_std: float = 1e-2,
+                       cluster_init: bool = True, generator: torch.Generator | None = None
+                       ) -> TRIP:
         """Initialise from data by fitting a 1-D Gaussian mixture to each dimension (EM).
 
-        Means and stds are set to the fitted components; each core becomes
-        ``pi_kj * (I + 0.1)`` (plus slight noise), so that the prior starts close to the product
-        of the fitted per-dimension mixtures.
+        Means and stds are set to the fitted components. Cores:
+
+        - ``cluster_init=True`` (default): the data are split into ``rank`` clusters by
+          k-means and core ``k`` becomes ``diag_r(P(j | cluster r, dim k))`` (times the cluster
+          weight at ``k = 0``) plus a small off-diagonal floor, so the prior starts as a mixture
+          of ``rank`` products of per-dimension mixtures, which captures correlations between
+          dimensions;
+        - ``cluster_init=False``: ``pi_kj * (I + 0.1)`` (plus slight noise), close to the
+          product of the fitted per-dimension mixtures (no correlations).
 
         Args:
-            z: data of shape ``(N, D)``, finite, with ``N >= n_components``.
-            n_iter: EM iterations.
+            z: data of shape ``(N, D)``, finite, with ``N >= max(n_components, rank)``.
+            n_iter: EM (and k-means) iterations.
             min_std: lower bound on each fitted std, relative to the dimension's data std.
+            cluster_init: initialise the cores from k-means clusters (see above).
+            generator: random generator for the k-means seeding and the noise.
 
         Returns:
             ``self``.
@@ -349,9 +397,11 @@ class TRIP(nn.Module):
             raise TypeError("z must be a floating-point torch.Tensor")
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"z must have shape (N, {self.dim}), got {tuple(z.shape)}")
-        if z.shape[0] < self.n_components:
+        need = max(self.n_components, self.rank if cluster_init else 1)
+        if z.shape[0] < need:
             raise ValueError(
-                f"z needs at least n_components={self.n_components} rows, got {z.shape[0]}"
+                f"z needs at least {need} rows (n_components={self.n_components}"
+                + (f", rank={self.rank}" if cluster_init else "") + f"), got {z.shape[0]}"
             )
         if not bool(torch.isfinite(z).all()):
             raise ValueError("z must be finite")
@@ -362,7 +412,8 @@ class TRIP(nn.Module):
         d = self.n_components
         data_std = x.std(0).clamp_min(1e-6)  # (D,)
         qs = (torch.arange(d, dtype=x.dtype) + 0.5) / d
-        mu = torch.quantile(x, qs, dim=0).T.contiguous()  # (D, d)
+        xq = x[:: max(1, (x.numel() + (1 << 24) - 1) >> 24)]  # torch.quantile size limit
+        mu = torch.quantile(xq, qs, dim=0).T.contiguous()  # (D, d)
         sd = (data_std / d)[:, None].expand(-1, d).clone()
         logpi = torch.full_like(mu, -math.log(d))
         floor = (min_std * data_std)[:, None]
@@ -375,11 +426,28 @@ class TRIP(nn.Module):
             var = (r * (x[:, :, None] - mu) ** 2).sum(0) / nk
             sd = torch.maximum(var.sqrt(), floor)
             logpi = (nk / nk.sum(-1, keepdim=True)).log()
-        m = self.rank
-        base = (torch.eye(m, dtype=x.dtype) + 0.1).log()
-        log_cores = logpi[:, :, None, None] + base + 0.01 * torch.randn(
-            self.dim, d, m, m, dtype=x.dtype
-        )
+        m, D = self.rank, self.dim
+        noise = 0.01 * torch.randn(D, d, m, m, dtype=x.dtype, generator=generator)
+        if cluster_init:
+            diff = (x[:, :, None] - mu) / sd
+            resp = torch.softmax(logpi - 0.5 * diff * diff - sd.log(), dim=-1)  # (N, D, d)
+            labels = _kmeans(x / data_std, m, n_iter, generator)
+            onehot = torch.nn.functional.one_hot(labels, m).to(x.dtype)  # (N, m)
+            counts = onehot.sum(0)  # (m,)
+            # P(j | cluster r, dim k), shape (D, d, m); empty clusters fall back to pi
+            cond = torch.einsum("nr,nkj->kjr", onehot, resp) / counts.clamp_min(1)
+            cond = torch.where(counts > 0, cond, logpi.exp()[:, :, None])
+            cond = cond.clamp_min(1e-4)
+            weight = (counts + 1.0) / (counts.sum() + m)  # cluster weights, smoothed
+            diag = cond.clone()
+            diag[0] = diag[0] * weight
+            floor = 1e-3 * diag.mean(dim=(1, 2), keepdim=True)  # (D, 1, 1)
+            cores = floor[..., None].expand(D, d, m, m).clone()
+            cores = cores + torch.diag_embed(diag)
+            log_cores = cores.log() + noise
+        else:
+            base = (torch.eye(m, dtype=x.dtype) + 0.1).log()
+            log_cores = logpi[:, :, None, None] + base + noise
         dt = self.raw_means.dtype
         self.raw_means.copy_(mu.to(dt))
         self.log_stds.copy_(sd.log().to(dt))

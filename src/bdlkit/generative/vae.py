@@ -1,7 +1,7 @@
 """A small MLP VAE for binarised MNIST with pluggable priors.
 
 Priors share a tiny interface: ``log_prob(z) -> (B,)`` and ``sample(n) -> (n, D)``; a prior may
-also offer ``init_from_data(z)``, which :func:`fit_vae` calls once on encoder means after a
+also offer ``init_from_data(z)``, which :func:`fit_vae` calls once on posterior samples after a
 warm-up (the TRIP paper's recipe). Provided priors: :class:`StandardNormalPrior`,
 :class:`GaussianMixturePrior` (learnable diagonal mixture) and :class:`bdlkit.generative.trip.TRIP`.
 
@@ -236,7 +236,7 @@ class VAE(nn.Module):
         return (log_px + log_pz - log_qz)[0]
 
     @torch.no_grad()
-    def iw_nll(self, x: torch.Tensor, k: int = 1000, max_points: int = 1 << 17,
+    def iw_nll(self, x: torch.Tensor, k: int = 1000, max_points: int = 1 << 13,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Importance-weighted estimate of ``-log p(x)`` per example, ``(B,)``, in nats.
 
@@ -300,7 +300,7 @@ def fit_vae(
         prior_lr: Adam learning rate of the prior (default: ``lr``).
         batch_size: minibatch size.
         prior_init_epoch: after this many epochs, if the prior has ``init_from_data``, it is
-            re-initialised from encoder means of ``prior_init_points`` training images
+            re-initialised from posterior samples of ``prior_init_points`` training images
             (``None`` disables; 0 initialises before training).
         seed: seeds shuffling, binarisation and reparameterisation noise.
         log: optional callable receiving one progress line per epoch.
@@ -339,8 +339,9 @@ def fit_vae(
         vae.eval()
         idx = torch.randperm(x_all.shape[0], generator=gen)[:prior_init_points]
         with torch.no_grad():
-            mu, _ = vae.encode(binarize(x_all[idx], gen))
-        vae.prior.init_from_data(mu)
+            mu, log_std = vae.encode(binarize(x_all[idx], gen))
+            z = mu + log_std.exp() * torch.randn(mu.shape, generator=gen, dtype=mu.dtype)
+        vae.prior.init_from_data(z)
         # the prior's Adam state refers to the old parameters: reset it
         for p in prior_params:
             opt.state.pop(p, None)

@@ -1,4 +1,4 @@
-"""Lightning callback running Fast Geometric Ensembling during ``Trainer.fit`` (needs ``lightning``)."""
+"""Lightning callback running Fast Geometric Ensembling in ``Trainer.fit`` (needs ``lightning``)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class FGECallback(Callback):
             return pl_module
         target = getattr(pl_module, self.attr, None)
         if not isinstance(target, nn.Module):
-            raise ValueError(f"attr={self.attr!r} does not name an nn.Module of the LightningModule")
+            raise ValueError(f"attr={self.attr!r} does not name an nn.Module of the module")
         return target
 
     @staticmethod

@@ -83,7 +83,7 @@ class SWAG:
         dtype: ``torch.float32`` (default) or ``torch.float64`` for the statistics.
         var_clamp: lower clamp of the diagonal variance (> 0).
 
-    Memory is ``(max_rank + 2) * d`` numbers of ``dtype`` plus one work vector of ``d``.
+    The state is exactly ``(max_rank + 2) * d`` numbers of ``dtype``, preallocated.
 
     Example:
         >>> net = nn.Linear(3, 2)
@@ -135,7 +135,6 @@ class SWAG:
         self._mean = torch.zeros(d, **kw)
         self._sq_mean = torch.zeros(d, **kw)
         self._dev = torch.zeros(max_rank, d, **kw)  # ring buffer of deviation rows
-        self._work = torch.empty(d, **kw)
         self.n_collected = 0
         self._n_dev = 0
         self._next_row = 0
@@ -168,23 +167,24 @@ class SWAG:
             1
         """
         params = self._check_model(model)
-        work = self._work
-        offset = 0
-        for p, n in zip(params, self._sizes, strict=True):
-            work[offset : offset + n].copy_(p.detach().reshape(-1))
-            offset += n
-        if not bool(torch.isfinite(work).all()):
-            bad = [name for (name, _), p in zip(self._spec, params, strict=True)
-                   if not bool(torch.isfinite(p).all())]
+        bad = [name for (name, _), p in zip(self._spec, params, strict=True)
+               if not bool(torch.isfinite(p).all())]
+        if bad:
             raise ValueError(f"model has non-finite weights in {bad}; nothing was collected")
         n = self.n_collected
+        # The row of the oldest deviation is the only scratch space: theta is written there,
+        # so the state stays at (K + 2) * d numbers. Nothing below can fail.
         row = self._dev[self._next_row]
+        offset = 0
+        for p, size in zip(params, self._sizes, strict=True):
+            row[offset : offset + size].copy_(p.detach().reshape(-1))
+            offset += size
+        self._sq_mean.mul_(n / (n + 1)).addcmul_(row, row, value=1.0 / (n + 1))
         # row <- theta - mean_old; mean_new = mean_old + row / (n + 1);
         # theta - mean_new = row * n / (n + 1)  (the deviation from the *updated* mean).
-        torch.sub(work, self._mean, out=row)
+        row.sub_(self._mean)
         self._mean.add_(row, alpha=1.0 / (n + 1))
         row.mul_(n / (n + 1))
-        self._sq_mean.mul_(n / (n + 1)).addcmul_(work, work, value=1.0 / (n + 1))
         self.n_collected = n + 1
         self._next_row = (self._next_row + 1) % self.max_rank
         self._n_dev = min(self._n_dev + 1, self.max_rank)
