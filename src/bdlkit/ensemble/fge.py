@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from bdlkit._checks import check_positive_int
 from bdlkit.batchnorm import refresh_bn
 
 __all__ = ["FGESchedule", "Ensemble", "collect_fge", "fge_lr"]
@@ -40,12 +41,6 @@ def _check_lr(name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_pos_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def fge_lr(iteration: int, cycle: int, lr_1: float, lr_2: float, steps_per_epoch: int) -> float:
@@ -61,7 +56,7 @@ def fge_lr(iteration: int, cycle: int, lr_1: float, lr_2: float, steps_per_epoch
     """
     cycle = _check_cycle(cycle)
     lr_1, lr_2 = _check_lr("lr_1", lr_1), _check_lr("lr_2", lr_2)
-    steps_per_epoch = _check_pos_int("steps_per_epoch", steps_per_epoch)
+    steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
     epoch, i = divmod(iteration, steps_per_epoch)
@@ -110,7 +105,7 @@ class FGESchedule(LRScheduler):
         self.cycle = _check_cycle(cycle)
         self.lr_1 = _check_lr("lr_1", lr_1)
         self.lr_2 = _check_lr("lr_2", lr_2)
-        self.steps_per_epoch = _check_pos_int("steps_per_epoch", steps_per_epoch)
+        self.steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, iteration: int) -> float:
@@ -313,7 +308,7 @@ def collect_fge(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    num_snapshots = _check_pos_int("num_snapshots", num_snapshots)
+    num_snapshots = check_positive_int("num_snapshots", num_snapshots)
     _check_cycle(cycle)
     _check_lr("lr_1", lr_1)
     _check_lr("lr_2", lr_2)
@@ -321,7 +316,7 @@ def collect_fge(
         if not hasattr(loader, "__len__"):
             raise TypeError("loader has no len(); pass steps_per_epoch")
         steps_per_epoch = len(loader)  # type: ignore[arg-type]
-    steps_per_epoch = _check_pos_int("steps_per_epoch", steps_per_epoch)
+    steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
     if momentum < 0 or weight_decay < 0:
         raise ValueError("momentum and weight_decay must be non-negative")
     net = model if inplace else copy.deepcopy(model)

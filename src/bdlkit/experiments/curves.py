@@ -18,15 +18,7 @@ from .. import data, plots
 from ..ensemble import Bezier, PolyChain, evaluate_path, linear_path, train_curve
 from ..models import VGGSmall
 from ..train import fit, seed_everything
-
-
-def _lr_factor(progress: float) -> float:
-    """Garipov et al.'s SGD schedule: 1 for 50 %, linear to 0.01 at 90 %, then 0.01."""
-    if progress <= 0.5:
-        return 1.0
-    if progress <= 0.9:
-        return 1.0 - (progress - 0.5) / 0.4 * 0.99
-    return 0.01
+from ._common import garipov_schedule
 
 
 def _train_endpoint(train_ds, epochs: int, lr: float, wd: float, seed: int,
@@ -36,7 +28,7 @@ def _train_endpoint(train_ds, epochs: int, lr: float, wd: float, seed: int,
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     dl = data.loader(train_ds, 128, shuffle=True, seed=seed)
     total = epochs * len(dl)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i / total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, garipov_schedule(total))
     start = time.perf_counter()
     fit(model, dl, epochs, opt, sched, scheduler_step="batch", quiet=True)
     return model.eval(), time.perf_counter() - start

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdlkit._checks import check_positive_int
+
 __all__ = [
     "MLPGenerator",
     "MLPDiscriminator",
@@ -51,10 +53,6 @@ class Prior(Protocol):
 
     def sample(self, n: int) -> torch.Tensor: ...
 
-
-def _check_pos_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -96,11 +94,11 @@ class MLPGenerator(nn.Module):
         batchnorm: bool = False,
     ) -> None:
         super().__init__()
-        _check_pos_int("latent_dim", latent_dim)
+        check_positive_int("latent_dim", latent_dim)
         self.out_shape = _check_shape("out_shape", out_shape)
         hidden = tuple(hidden)
         for h in hidden:
-            _check_pos_int("hidden", h)
+            check_positive_int("hidden", h)
         if out_activation not in ("sigmoid", "tanh", None):
             raise ValueError(
                 f"out_activation must be 'sigmoid', 'tanh' or None, got {out_activation!r}"
@@ -154,7 +152,7 @@ class MLPDiscriminator(nn.Module):
         self.in_shape = _check_shape("in_shape", in_shape)
         hidden = tuple(hidden)
         for h in hidden:
-            _check_pos_int("hidden", h)
+            check_positive_int("hidden", h)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         sizes = (math.prod(self.in_shape), *hidden)
@@ -184,12 +182,12 @@ class StandardNormalPrior:
     """
 
     def __init__(self, latent_dim: int, device: torch.device | str | None = None) -> None:
-        _check_pos_int("latent_dim", latent_dim)
+        check_positive_int("latent_dim", latent_dim)
         self.latent_dim = latent_dim
         self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def sample(self, n: int) -> torch.Tensor:
-        _check_pos_int("n", n)
+        check_positive_int("n", n)
         return torch.randn(n, self.latent_dim, device=self.device)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -298,7 +296,7 @@ def grid_means(grid: int = 5, spacing: float = 2.0) -> torch.Tensor:
         >>> grid_means(5)[0].tolist()
         [-4.0, -4.0]
     """
-    _check_pos_int("grid", grid)
+    check_positive_int("grid", grid)
     if not spacing > 0:
         raise ValueError(f"spacing must be positive, got {spacing!r}")
     c = (torch.arange(grid, dtype=torch.float32) - (grid - 1) / 2) * spacing
@@ -320,7 +318,7 @@ def grid_gaussians(
         >>> grid_gaussians(100).shape
         torch.Size([100, 2])
     """
-    _check_pos_int("n", n)
+    check_positive_int("n", n)
     if not std > 0:
         raise ValueError(f"std must be positive, got {std!r}")
     means = grid_means(grid, spacing)
@@ -439,8 +437,8 @@ def train_gan(
         raise ValueError("give exactly one of epochs or steps")
     if loss not in ("ns", "wgan-gp"):
         raise ValueError(f"loss must be 'ns' or 'wgan-gp', got {loss!r}")
-    _check_pos_int("n_critic", n_critic)
-    _check_pos_int("log_every", log_every)
+    check_positive_int("n_critic", n_critic)
+    check_positive_int("log_every", log_every)
     if not lr > 0 or (d_lr is not None and not d_lr > 0):
         raise ValueError("lr and d_lr must be positive")
     if gp_weight < 0:
@@ -451,12 +449,12 @@ def train_gan(
     if not is_iter:
         if batch_size is None:
             raise ValueError("batch_size is required when loader is a callable")
-        _check_pos_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
     if steps is not None:
-        _check_pos_int("steps", steps)
+        check_positive_int("steps", steps)
         total = steps
     else:
-        _check_pos_int("epochs", epochs)
+        check_positive_int("epochs", epochs)
         if not is_iter:
             raise ValueError("epochs needs an iterable loader; use steps with a callable")
         try:
@@ -547,8 +545,8 @@ def generate(
         >>> x.shape, z.shape
         (torch.Size([7, 2]), torch.Size([7, 2]))
     """
-    _check_pos_int("n", n)
-    _check_pos_int("batch_size", batch_size)
+    check_positive_int("n", n)
+    check_positive_int("batch_size", batch_size)
     if prior is None:
         latent_dim = getattr(generator, "latent_dim", None)
         if not isinstance(latent_dim, int):

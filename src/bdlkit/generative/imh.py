@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdlkit._checks import check_positive_int
+
 __all__ = [
     "ImplicitMH",
     "MHResult",
@@ -58,11 +60,6 @@ __all__ = [
 
 Sampler = Callable[[int], torch.Tensor]
 
-
-def _check_pos_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _scores(out: Any, n: int, who: str) -> torch.Tensor:
@@ -207,8 +204,8 @@ class ImplicitMH:
         """
         if not isinstance(x0, torch.Tensor) or x0.dim() < 1 or x0.shape[0] < 1:
             raise ValueError("x0 must be a tensor of shape (n_chains, *state_shape), n_chains >= 1")
-        _check_pos_int("n_steps", n_steps)
-        _check_pos_int("thin", thin)
+        check_positive_int("n_steps", n_steps)
+        check_positive_int("thin", thin)
         if keep not in ("all", "last"):
             raise ValueError(f"keep must be 'all' or 'last', got {keep!r}")
         x = x0.detach().clone()
@@ -328,7 +325,7 @@ class PairDiscriminator(nn.Module):
         if not in_shape or any(not isinstance(s, int) or s < 1 for s in in_shape):
             raise ValueError(f"in_shape must be positive ints, got {in_shape!r}")
         for h in hidden:
-            _check_pos_int("hidden", h)
+            check_positive_int("hidden", h)
         self.in_shape = in_shape
         self.diff = bool(diff)
         d = math.prod(in_shape)
@@ -436,9 +433,9 @@ def train_discriminator(
         2
     """
     params = _module_params(discriminator)
-    _check_pos_int("steps", steps)
-    _check_pos_int("batch_size", batch_size)
-    _check_pos_int("val_every", val_every)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("val_every", val_every)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     if (val_real is None) != (val_fake is None):
@@ -527,9 +524,9 @@ def train_pair_discriminator(
         2
     """
     params = _module_params(discriminator)
-    _check_pos_int("steps", steps)
-    _check_pos_int("batch_size", batch_size)
-    _check_pos_int("val_every", val_every)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("val_every", val_every)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     if not callable(proposal):
@@ -712,7 +709,7 @@ def calibrate_discriminator(
     """
     if not callable(discriminator):
         raise TypeError("discriminator must be callable")
-    _check_pos_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     with torch.no_grad():
         sr = torch.cat([_scores(discriminator(c), len(c), "discriminator")
                         for c in val_real.split(batch_size)])
@@ -797,8 +794,8 @@ def discriminator_rejection_sampling(
         raise TypeError("discriminator must be callable")
     if not callable(proposal):
         raise TypeError("proposal must be callable")
-    _check_pos_int("n", n)
-    _check_pos_int("batch_size", batch_size)
+    check_positive_int("n", n)
+    check_positive_int("batch_size", batch_size)
     if not 0.0 < gamma_quantile < 1.0:
         raise ValueError(f"gamma_quantile must be in (0, 1), got {gamma_quantile!r}")
     if epsilon < 0:

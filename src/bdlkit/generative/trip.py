@@ -20,17 +20,13 @@ import math
 import torch
 from torch import nn
 
+from bdlkit._checks import check_positive_int
+
 __all__ = ["TRIP"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 def _normalise(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,9 +117,9 @@ class TRIP(nn.Module):
         init_std: float = 0.5,
     ) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
-        self.n_components = _check_positive_int("n_components", n_components)
-        self.rank = _check_positive_int("rank", rank)
+        self.dim = check_positive_int("dim", dim)
+        self.n_components = check_positive_int("n_components", n_components)
+        self.rank = check_positive_int("rank", rank)
         if not (math.isfinite(mean_range) and mean_range >= 0):
             raise ValueError(f"mean_range must be finite and >= 0, got {mean_range}")
         if not (math.isfinite(init_std) and init_std > 0):
@@ -328,7 +324,7 @@ class TRIP(nn.Module):
         Returns:
             Samples of shape ``(n, D)`` (and the indices if requested).
         """
-        n = _check_positive_int("n", n)
+        n = check_positive_int("n", n)
         self._check_parameters()
         dtype, device = self.raw_means.dtype, self.raw_means.device
         log_w = None
@@ -405,7 +401,7 @@ class TRIP(nn.Module):
             )
         if not bool(torch.isfinite(z).all()):
             raise ValueError("z must be finite")
-        _check_positive_int("n_iter", n_iter)
+        check_positive_int("n_iter", n_iter)
         if not (min_std > 0):
             raise ValueError(f"min_std must be > 0, got {min_std}")
         x = z.detach().to(torch.float64)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdlkit._checks import check_positive_int
+
 __all__ = [
     "StandardNormalPrior",
     "GaussianMixturePrior",
@@ -32,12 +34,6 @@ __all__ = [
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 def _check_latent(z: torch.Tensor, dim: int) -> None:
@@ -71,7 +67,7 @@ class StandardNormalPrior(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
+        self.dim = check_positive_int("dim", dim)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         _check_latent(z, self.dim)
@@ -79,7 +75,7 @@ class StandardNormalPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        _check_positive_int("n", n)
+        check_positive_int("n", n)
         return torch.randn(n, self.dim, generator=generator)
 
 
@@ -94,8 +90,8 @@ class GaussianMixturePrior(nn.Module):
 
     def __init__(self, dim: int, n_components: int, init_std: float = 1.0) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
-        self.n_components = _check_positive_int("n_components", n_components)
+        self.dim = check_positive_int("dim", dim)
+        self.n_components = check_positive_int("n_components", n_components)
         if not (math.isfinite(init_std) and init_std > 0):
             raise ValueError(f"init_std must be finite and > 0, got {init_std}")
         self.means = nn.Parameter(torch.randn(n_components, dim))
@@ -110,7 +106,7 @@ class GaussianMixturePrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        _check_positive_int("n", n)
+        check_positive_int("n", n)
         probs = torch.softmax(self.logits, -1)
         idx = torch.multinomial(probs, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
@@ -156,11 +152,11 @@ class VAE(nn.Module):
         data_dim: int = 784,
     ) -> None:
         super().__init__()
-        self.latent_dim = _check_positive_int("latent_dim", latent_dim)
-        self.data_dim = _check_positive_int("data_dim", data_dim)
+        self.latent_dim = check_positive_int("latent_dim", latent_dim)
+        self.data_dim = check_positive_int("data_dim", data_dim)
         hidden = tuple(hidden)
         for h in hidden:
-            _check_positive_int("hidden", h)
+            check_positive_int("hidden", h)
         if prior is None:
             prior = StandardNormalPrior(latent_dim)
         if not (callable(getattr(prior, "log_prob", None)) and callable(getattr(prior, "sample",
@@ -244,8 +240,8 @@ class VAE(nn.Module):
         chunks of at most ``max_points`` (example, sample) pairs and combined with a running
         log-sum-exp, so memory does not grow with ``k``.
         """
-        _check_positive_int("k", k)
-        _check_positive_int("max_points", max_points)
+        check_positive_int("k", k)
+        check_positive_int("max_points", max_points)
         x = self._flat(x)
         mu, log_std = self.encode(x)
         B = x.shape[0]
@@ -314,8 +310,8 @@ def fit_vae(
         >>> len(h["train_elbo"])
         1
     """
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
     if not isinstance(vae, VAE):
         raise TypeError("vae must be a VAE")
     x_all = vae._flat(train_x)
@@ -383,9 +379,9 @@ def evaluate_vae(vae: VAE, test_x: torch.Tensor, k: int = 1000, batch_size: int 
         >>> sorted(evaluate_vae(vae, torch.rand(8, 784), k=20))
         ['elbo', 'elbo_std_err', 'iw_nll', 'iw_nll_std_err']
     """
-    _check_positive_int("k", k)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("elbo_repeats", elbo_repeats)
+    check_positive_int("k", k)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("elbo_repeats", elbo_repeats)
     vae.eval()
     gen = torch.Generator().manual_seed(seed)
     x = binarize(vae._flat(test_x), gen)

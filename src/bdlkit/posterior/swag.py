@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from bdlkit.batchnorm import default_call, has_batchnorm, refresh_bn
-from bdlkit.weights import assign_params
+from bdlkit.weights import assign_params, param_spec
 
 __all__ = ["SWAG", "swa_learning_rate", "swa_scheduler"]
 
@@ -43,9 +43,6 @@ _STATE_KEYS = (
 )
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-
-def _spec_of(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
 
 
 def _check_scale(scale: Any) -> float:
@@ -116,7 +113,7 @@ class SWAG:
             raise TypeError(f"var_clamp must be a float, got {type(var_clamp).__name__}")
         if not (math.isfinite(var_clamp) and var_clamp > 0):
             raise ValueError(f"var_clamp must be a finite float > 0, got {var_clamp!r}")
-        spec = _spec_of(model)
+        spec = param_spec(model)
         if not spec:
             raise ValueError("model has no parameters")
         for name, p in model.named_parameters():
