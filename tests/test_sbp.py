@@ -1,0 +1,354 @@
+"""Tests for Structured Bayesian Pruning (bdlkit.compress.sbp)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bdlkit.compress import sbp
+from bdlkit.compress.sbp import SBPNoise, truncated_lognormal_stats
+from bdlkit.models import MLP, LeNet5, LeNet500_300, VGGSmall
+
+torch.set_num_threads(1)
+
+A, B = -20.0, 0.0
+
+
+def _numeric(mu: float, log_sigma: float, n: int = 400001) -> dict[str, float]:
+    """KL to LogU[a,b], E[θ], SNR of the log-truncated normal by trapezoid integration."""
+    s = math.exp(log_sigma)
+    xstar = min(max(mu, A), B)
+    half = math.sqrt((xstar - mu) ** 2 + 2 * 60 * s * s)  # log-density within 60 of its max
+    lo, hi = max(A, mu - half), min(B, mu + half)
+    x = np.linspace(lo, hi, n)
+    logq = -((x - mu) ** 2 - (xstar - mu) ** 2) / (2 * s * s)
+    q = np.exp(logq)
+    z = np.trapezoid(q, x)
+    q, logq = q / z, logq - math.log(z)
+    ent = -np.trapezoid(q * logq, x)
+    m1 = np.trapezoid(q * np.exp(x), x)
+    m2 = np.trapezoid(q * np.exp(2 * x), x)
+    return {"kl": math.log(B - A) - ent, "mean": m1, "snr": m1 / math.sqrt(m2 - m1 * m1)}
+
+
+def test_kl_reference_value() -> None:
+    layer = SBPNoise(3)
+    assert torch.allclose(layer.kl(), torch.full((3,), 7.270), atol=5e-4)
+    assert round(float(truncated_lognormal_stats(torch.zeros(1), torch.tensor([-5.0]))["kl"]),
+                 3) == 7.270
+
+
+@pytest.mark.parametrize("mu", [-19.0, -10.0, -3.0, -0.5, 0.0, 0.5, 2.0, 5.0])
+@pytest.mark.parametrize("log_sigma", [-3.0, -1.0, 0.0, 1.0, 2.5])
+def test_kl_and_moments_match_numerical_integration(mu: float, log_sigma: float) -> None:
+    st = truncated_lognormal_stats(torch.tensor([mu]), torch.tensor([log_sigma]))
+    ref = _numeric(mu, log_sigma)
+    assert float(st["kl"]) == pytest.approx(ref["kl"], abs=1e-5)
+    assert float(st["mean"]) == pytest.approx(ref["mean"], rel=1e-5)
+    assert float(st["snr"]) == pytest.approx(ref["snr"], rel=1e-4)
+    var = float(st["var"])
+    assert float(st["mean"]) / math.sqrt(var) == pytest.approx(float(st["snr"]), rel=1e-9)
+
+
+def test_extreme_limits_match_closed_forms() -> None:
+    # tiny σ, μ inside: θ is log-normal, SNR = 1/sqrt(expm1(σ²)), E = exp(μ + σ²/2)
+    st = truncated_lognormal_stats(torch.tensor([-10.0]), torch.tensor([-20.0]))
+    s = math.exp(-20)
+    assert float(st["mean"]) == pytest.approx(math.exp(-10 + s * s / 2), rel=1e-12)
+    assert float(st["snr"]) == pytest.approx(1 / math.sqrt(math.expm1(s * s)), rel=1e-6)
+    # KL = log(b-a) - entropy of N(μ, σ²) = log 20 - 0.5 log(2πe) + 20
+    assert float(st["kl"]) == pytest.approx(math.log(20) - 0.5 * math.log(2 * math.pi * math.e)
+                                            + 20, abs=1e-9)
+    # μ = 5 ≫ b with tiny σ: q is ≈ an exponential of rate λ = μ/σ² below b;
+    # KL = log 20 − (1 − log λ); E[θ] → 1
+    st = truncated_lognormal_stats(torch.tensor([5.0]), torch.tensor([-20.0]))
+    lam = 5.0 / s**2
+    assert float(st["kl"]) == pytest.approx(math.log(20) - 1 + math.log(lam), abs=1e-6)
+    assert float(st["mean"]) == pytest.approx(1.0, abs=1e-12)
+
+
+def _grid(n: int = 61) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.linspace(-20.0, 5.0, n, dtype=torch.float64)
+    g = torch.cat([g, torch.tensor([-20 + 1e-9, -1e-9, 1e-9, 5 - 1e-9], dtype=torch.float64)])
+    m, s = torch.meshgrid(g, g, indexing="ij")
+    return m.reshape(-1), s.reshape(-1)
+
+
+def test_stats_and_gradients_finite_over_clip_range() -> None:
+    mu, ls = _grid()
+    mu.requires_grad_(True)
+    ls.requires_grad_(True)
+    st = truncated_lognormal_stats(mu, ls)
+    for k, v in st.items():
+        assert torch.isfinite(v).all(), k
+    assert (st["kl"] > -1e-9).all()  # KL ≥ 0
+    assert ((st["mean"] > 0) & (st["mean"] <= 1)).all()
+    (st["kl"].sum() + st["mean"].sum()).backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(ls.grad).all()
+    # the float32 layer too (snr is capped at 1e30 so fits in float32)
+    layer = SBPNoise(mu.numel())
+    with torch.no_grad():
+        layer.mu.copy_(mu.float())
+        layer.log_sigma.copy_(ls.float())
+    for v in (layer.kl(), layer.mean(), layer.variance(), layer.snr()):
+        assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+def test_sgvlb_gradient_finite_everywhere_in_clip_range() -> None:
+    mu, ls = _grid(41)
+    n = mu.numel()
+    torch.manual_seed(0)
+    net = nn.Sequential(SBPNoise(n), nn.Linear(n, 3))
+    with torch.no_grad():
+        net[0].mu.copy_(mu.float())
+        net[0].log_sigma.copy_(ls.float())
+    net.train()
+    x, y = torch.randn(8, n), torch.randint(0, 3, (8,))
+    loss = sbp.sgvlb(net(x), y, net, n_train=1000)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(net[0].mu.grad).all() and torch.isfinite(net[0].log_sigma.grad).all()
+
+
+@pytest.mark.parametrize("u", [1e-5, 0.5, 1 - 1e-5])
+def test_sampler_finite_with_gradients_at_extreme_u(u: float) -> None:
+    mu, ls = _grid(41)
+    mu.requires_grad_(True)
+    ls.requires_grad_(True)
+    lt = sbp._sample_log_theta(mu, ls, torch.full_like(mu, u))
+    assert torch.isfinite(lt).all() and (lt >= A).all() and (lt <= B).all()
+    lt.sum().backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(ls.grad).all()
+
+
+@pytest.mark.parametrize("mu,log_sigma", [(-3.0, 0.0), (0.0, -1.0), (1.0, -0.7), (4.0, -2.3),
+                                          (-19.5, 0.5)])
+def test_sampler_matches_truncated_normal(mu: float, log_sigma: float) -> None:
+    from scipy import stats
+
+    torch.manual_seed(0)
+    layer = SBPNoise(1, init_mu=mu, init_log_sigma=log_sigma)
+    theta = layer.sample((20000,)).view(-1).detach()
+    s = math.exp(log_sigma)
+    dist = stats.truncnorm((A - mu) / s, (B - mu) / s, loc=mu, scale=s)
+    assert stats.kstest(torch.log(theta).numpy(), dist.cdf).pvalue > 1e-3
+    st = truncated_lognormal_stats(torch.tensor([mu]), torch.tensor([log_sigma]))
+    se = math.sqrt(float(st["var"]) / theta.numel())
+    assert abs(float(theta.mean()) - float(st["mean"])) < 5 * se + 1e-12
+
+
+def test_reparameterised_gradient_matches_finite_difference() -> None:
+    u = torch.tensor([0.3, 0.7, 0.01], dtype=torch.float64)
+    for mu0, ls0 in [(-2.0, -0.5), (1.0, -1.0), (4.0, -2.5)]:  # 4, -2.5: Newton tail branch
+        mu = torch.full((3,), mu0, dtype=torch.float64, requires_grad=True)
+        ls = torch.full((3,), ls0, dtype=torch.float64, requires_grad=True)
+        sbp._sample_log_theta(mu, ls, u).sum().backward()
+        eps = 1e-6
+        with torch.no_grad():
+            f = [sbp._sample_log_theta(mu + d, ls, u).sum() for d in (eps, -eps)]
+            g = [sbp._sample_log_theta(mu, ls + d, u).sum() for d in (eps, -eps)]
+        assert float(mu.grad.sum()) == pytest.approx(float(f[0] - f[1]) / (2 * eps), rel=1e-4,
+                                                     abs=1e-7)
+        assert float(ls.grad.sum()) == pytest.approx(float(g[0] - g[1]) / (2 * eps), rel=1e-4,
+                                                     abs=1e-7)
+
+
+def test_forward_train_and_eval() -> None:
+    torch.manual_seed(0)
+    layer = SBPNoise(4)
+    with torch.no_grad():
+        layer.mu.copy_(torch.tensor([0.0, -1.0, -20.0, -5.0]))
+        layer.log_sigma.copy_(torch.tensor([-5.0, -3.0, 3.0, 1.0]))
+    x = torch.ones(3, 4, 2, 2)
+    layer.eval()
+    mult = layer.mean() * (layer.snr() > 1.0)
+    assert torch.allclose(layer(x), x * mult.view(1, 4, 1, 1))
+    assert layer.mask().tolist() == [True, True, False, False]
+    layer.train()
+    out = layer(x)
+    assert out.shape == x.shape and (out > 0).all() and (out <= 1).all()
+    assert not torch.equal(out[0], out[1])  # a noise sample per example
+    assert torch.equal(out[:, :, 0, 0], out[:, :, 1, 1])  # shared over spatial positions
+    with pytest.raises(ValueError, match="expects input"):
+        layer(torch.ones(3, 5))
+
+
+def test_kl_sgvlb_and_clip() -> None:
+    net = sbp.add_noise(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)))
+    layers = sbp.sbp_layers(net)
+    assert [m.num_units for _, m in layers] == [5, 7]
+    assert sbp.kl(net).item() == pytest.approx(12 * 7.2699409, rel=1e-6)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    net.eval()
+    logits = net(x)
+    expect = 100 * nn.functional.cross_entropy(logits, y) + 0.5 * sbp.kl(net)
+    assert torch.allclose(sbp.sgvlb(logits, y, net, 100, kl_weight=0.5), expect)
+    with torch.no_grad():
+        layers[0][1].mu.fill_(9.0)
+        layers[0][1].log_sigma.fill_(-30.0)
+    sbp.clip_(net)
+    assert layers[0][1].mu.max().item() == 5.0 and layers[0][1].log_sigma.min().item() == -20.0
+
+
+def _randomise(net: nn.Module, seed: int, frac_pruned: float = 0.4) -> None:
+    """Give every SBP layer random (μ, log σ), about `frac_pruned` of units with SNR < 1."""
+    g = torch.Generator().manual_seed(seed)
+    for _, m in sbp.sbp_layers(net):
+        n = m.num_units
+        dead = torch.rand(n, generator=g) < frac_pruned
+        dead[0] = False
+        with torch.no_grad():
+            m.mu.copy_(torch.where(dead, torch.full((n,), -8.0), -2 * torch.rand(n, generator=g)))
+            m.log_sigma.copy_(torch.where(dead, torch.full((n,), 2.0),
+                                          -4 + 2 * torch.rand(n, generator=g)))
+    for mod in net.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                mod.running_mean.uniform_(-0.5, 0.5, generator=g)
+                mod.running_var.uniform_(0.5, 2.0, generator=g)
+                mod.weight.uniform_(0.5, 1.5, generator=g)
+                mod.bias.uniform_(-0.5, 0.5, generator=g)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (LeNet5, (1, 28, 28)), (LeNet500_300, (1, 28, 28)), (lambda: VGGSmall(widths=(8, 8, 16)),
+                                                         (1, 28, 28)),
+    (lambda: MLP(12, 3, hidden=(20, 10)), (12,)),
+    (lambda: nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Sigmoid(),
+                           nn.Linear(16, 4)), (12,)),
+    (lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.GELU(), nn.Conv2d(6, 5, 3, padding=1),
+                           nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(45, 7),
+                           nn.ELU(), nn.Linear(7, 2)), (2, 8, 8)),
+])
+def test_prune_equals_eval_output(make, shape) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    net = sbp.add_noise(make())
+    _randomise(net, seed=1)
+    net.eval()
+    x = torch.randn(16, *shape)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        ref = net(x)
+    small = sbp.prune(net, 1.0, example_input=x[:4])
+    with torch.no_grad():
+        out = small(x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not any(isinstance(m, SBPNoise) for m in small.modules())
+    n_small = sum(p.numel() for p in small.parameters())
+    n_big = sum(p.numel() for n, p in net.named_parameters()
+                if not n.endswith(("mu", "log_sigma")))
+    assert n_small < n_big
+
+
+def test_prune_lenet5_physical_sizes() -> None:
+    net = sbp.add_noise(LeNet5())
+    _randomise(net, seed=3)
+    kept = {n: int(m.mask().sum()) for n, m in sbp.sbp_layers(net)}
+    small = sbp.prune(net, example_input=torch.randn(2, 1, 28, 28))
+    convs = [m for m in small if isinstance(m, nn.Conv2d)]
+    lins = [m for m in small if isinstance(m, nn.Linear)]
+    assert convs[0].out_channels == kept["features.0_sbp"] == convs[1].in_channels
+    assert lins[0].out_features == kept["classifier.1_sbp"] == lins[1].in_features
+    # fc1 inputs: the kept ones of the 800 features whose conv2 channel survived
+    assert lins[0].in_features <= kept["classifier.1_sbp_in"]
+    assert lins[1].out_features == 10
+
+
+def test_prune_threshold_changes_units() -> None:
+    net = sbp.add_noise(LeNet500_300())
+    _randomise(net, seed=2, frac_pruned=0.0)
+    x = torch.randn(3, 1, 28, 28)
+    sizes = []
+    for thr in (0.0, 15.0, 30.0):
+        small = sbp.prune(net, thr, example_input=x)
+        sizes.append(sum(p.numel() for p in small.parameters()))
+        # eval output at this threshold
+        with torch.no_grad():
+            h = x
+            for m in [m for m in net.modules() if not list(m.children())]:
+                h = h * m.multiplier(thr).float().view(1, -1) if isinstance(m, SBPNoise) else m(h)
+            assert torch.allclose(small(x), h, atol=1e-5)
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        SBPNoise(3, threshold=-1.0)
+    with pytest.raises(ValueError, match="num_units"):
+        SBPNoise(0)
+    net = sbp.add_noise(LeNet500_300())
+    x = torch.zeros(1, 1, 28, 28)
+    with pytest.raises(ValueError, match="snr_threshold"):
+        sbp.prune(net, -0.5, example_input=x)
+    with pytest.raises(ValueError, match="threshold"):
+        sbp.sbp_layers(net)[0][1].mask(-1.0)
+    with pytest.raises(TypeError, match="example_input"):
+        sbp.prune(net, example_input=None)  # type: ignore[arg-type]
+    # no prunable layers
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        sbp.add_noise(nn.Sequential(nn.Flatten(), nn.ReLU()))
+    with pytest.raises(ValueError, match="no prunable"):
+        sbp.add_noise(nn.Linear(3, 2), input_noise=False)
+    with pytest.raises(ValueError, match="no SBPNoise"):
+        sbp.prune(LeNet500_300(), example_input=x)
+    with pytest.raises(ValueError, match="no SBPNoise"):
+        sbp.kl(LeNet500_300())
+    with pytest.raises(ValueError, match="already"):
+        sbp.add_noise(net)
+    with pytest.raises(ValueError, match="n_train"):
+        sbp.sgvlb(torch.zeros(2, 10), torch.zeros(2, dtype=torch.long), net, 0)
+    # a layer whose every unit is pruned: ValueError naming the layer, model untouched
+    name, layer = sbp.sbp_layers(net)[1]
+    with torch.no_grad():
+        layer.mu.fill_(-15.0)
+        layer.log_sigma.fill_(3.0)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    with pytest.raises(ValueError, match=f"every unit of SBP layer '{name}'"):
+        sbp.prune(net, example_input=x)
+    assert net.training and all(m.training for m in net.modules())
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_add_noise_on_bare_and_wrapped_layers() -> None:
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(6, 8)
+            self.act = nn.ReLU()
+            self.fc2 = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.act(self.fc1(x)))
+
+    model = Custom()
+    net = sbp.add_noise(model)
+    assert isinstance(net.fc1, nn.Sequential) and isinstance(model.fc1, nn.Linear)
+    assert [m.num_units for _, m in sbp.sbp_layers(net)] == [6, 8]
+    _randomise(net, seed=0)
+    x = torch.randn(5, 6)
+    net.eval()
+    small = sbp.prune(net, example_input=x)
+    assert torch.allclose(small(x), net(x), atol=1e-5)
+    bare = sbp.add_noise(nn.Linear(4, 3), skip_output=False)
+    assert isinstance(bare, nn.Sequential) and len(bare) == 3
+
+
+def test_prune_rejects_non_sequential_graphs() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(6, 6)
+            self.fc2 = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(x + torch.relu(self.fc1(x)))
+
+    net = sbp.add_noise(Residual())
+    with pytest.raises(ValueError, match="Sequential-style"):
+        sbp.prune(net, example_input=torch.randn(3, 6))
