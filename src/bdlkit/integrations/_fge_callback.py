@@ -8,16 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-try:
-    from lightning.pytorch import LightningModule, Trainer
-    from lightning.pytorch.callbacks import Callback
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "bdlkit.integrations.lightning needs the optional 'lightning' extra: "
-        "pip install 'bdlkit[lightning]'"
-    ) from exc
-
 from bdlkit.ensemble.fge import Ensemble, _check_cycle, _check_lr, fge_lr
+from bdlkit.integrations._lightning_api import Callback, LightningModule, Trainer
 
 __all__ = ["FGECallback"]
 

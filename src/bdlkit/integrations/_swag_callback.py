@@ -6,15 +6,7 @@ from typing import Any
 
 import torch
 
-try:
-    from lightning.pytorch import LightningModule, Trainer
-    from lightning.pytorch.callbacks import Callback
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "bdlkit.integrations.lightning needs the optional 'lightning' extra: "
-        "pip install 'bdlkit[lightning]'"
-    ) from exc
-
+from bdlkit.integrations._lightning_api import Callback, LightningModule, Trainer
 from bdlkit.posterior.swag import SWAG
 
 __all__ = ["SWAGCallback"]
