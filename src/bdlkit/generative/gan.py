@@ -358,6 +358,7 @@ def _data_stream(
 
 
 def _score_shape_check(out: torch.Tensor, n: int) -> torch.Tensor:
+    """Coerce a discriminator output of shape (n,), (n, 1) or (n, 1, ...) to (n,)."""
     out = out.reshape(out.shape[0], -1) if out.dim() > 1 else out
     if out.dim() == 2 and out.shape[1] == 1:
         out = out[:, 0]

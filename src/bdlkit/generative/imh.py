@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdlkit._checks import check_positive_int
+from bdlkit.generative.gan import _score_shape_check
 
 __all__ = [
     "ImplicitMH",
@@ -450,8 +451,8 @@ def train_discriminator(
         xr = real_s(batch_size)
         with torch.no_grad():
             xf = fake_s(batch_size)
-        s_r = _scores_grad(discriminator(xr), xr.shape[0])
-        s_f = _scores_grad(discriminator(xf), xf.shape[0])
+        s_r = _score_shape_check(discriminator(xr), xr.shape[0])
+        s_f = _score_shape_check(discriminator(xf), xf.shape[0])
         loss = 0.5 * (F.softplus(-s_r).mean() + F.softplus(s_f).mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -475,13 +476,6 @@ def train_discriminator(
     discriminator.eval()
     return hist
 
-
-def _scores_grad(out: torch.Tensor, n: int) -> torch.Tensor:
-    if out.dim() == 2 and out.shape[1] == 1:
-        out = out[:, 0]
-    if out.dim() != 1 or out.shape[0] != n:
-        raise ValueError(f"discriminator must return shape ({n},), got {tuple(out.shape)}")
-    return out
 
 
 def train_pair_discriminator(
@@ -545,7 +539,7 @@ def train_pair_discriminator(
 
     def pair_logit(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        out = _scores_grad(discriminator(torch.cat([x, y]), torch.cat([y, x])), 2 * n)
+        out = _score_shape_check(discriminator(torch.cat([x, y]), torch.cat([y, x])), 2 * n)
         return out[:n] - out[n:]
 
     opt = optimizer or torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
