@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -14,8 +13,3 @@ def fashion_data():
     from bdlkit import data
 
     return data.fashion_mnist()
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
