@@ -388,6 +388,47 @@ def _eval_binary(disc: Callable, real: torch.Tensor, fake: torch.Tensor, bs: int
     return losses / count, correct / count
 
 
+
+def _fit_discriminator(
+    discriminator: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch_loss: Callable[[], torch.Tensor],
+    validate: Callable[[], tuple[float, float]] | None,
+    steps: int,
+    val_every: int,
+    keep_best: bool,
+) -> dict[str, list[float]]:
+    """The loop both discriminator trainers share: optimise ``batch_loss``, log the mean train
+    loss every ``val_every`` steps, validate, and keep the weights with the best val loss."""
+    hist: dict[str, list[float]] = {"step": [], "train_loss": [], "val_loss": [], "val_acc": []}
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    running, cnt = 0.0, 0
+    for step in range(1, steps + 1):
+        discriminator.train()
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += float(loss.detach())
+        cnt += 1
+        if step % val_every == 0 or step == steps:
+            hist["step"].append(step)
+            hist["train_loss"].append(running / cnt)
+            running, cnt = 0.0, 0
+            if validate is not None:
+                discriminator.eval()
+                with torch.no_grad():
+                    vl, va = validate()
+                hist["val_loss"].append(vl)
+                hist["val_acc"].append(va)
+                if keep_best and (best is None or vl < best[0]):
+                    best = (vl, {k: v.detach().clone()
+                                 for k, v in discriminator.state_dict().items()})
+    if best is not None:
+        discriminator.load_state_dict(best[1])
+    discriminator.eval()
+    return hist
+
 def train_discriminator(
     discriminator: nn.Module,
     real: torch.Tensor | Sampler,
@@ -443,38 +484,22 @@ def train_discriminator(
         raise ValueError("give both val_real and val_fake, or neither")
     real_s, fake_s = _as_sampler(real, "real"), _as_sampler(fake, "fake")
     opt = optimizer or torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    hist: dict[str, list[float]] = {"step": [], "train_loss": [], "val_loss": [], "val_acc": []}
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
-    running, cnt = 0.0, 0
-    for step in range(1, steps + 1):
-        discriminator.train()
+
+    def batch_loss() -> torch.Tensor:
         xr = real_s(batch_size)
         with torch.no_grad():
             xf = fake_s(batch_size)
         s_r = _score_shape_check(discriminator(xr), xr.shape[0])
         s_f = _score_shape_check(discriminator(xf), xf.shape[0])
-        loss = 0.5 * (F.softplus(-s_r).mean() + F.softplus(s_f).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += float(loss.detach())
-        cnt += 1
-        if step % val_every == 0 or step == steps:
-            hist["step"].append(step)
-            hist["train_loss"].append(running / cnt)
-            running, cnt = 0.0, 0
-            if val_real is not None:
-                discriminator.eval()
-                vl, va = _eval_binary(discriminator, val_real, val_fake, 1024)  # type: ignore
-                hist["val_loss"].append(vl)
-                hist["val_acc"].append(va)
-                if keep_best and (best is None or vl < best[0]):
-                    best = (vl, {k: v.detach().clone()
-                                 for k, v in discriminator.state_dict().items()})
-    if best is not None:
-        discriminator.load_state_dict(best[1])
-    discriminator.eval()
-    return hist
+        return 0.5 * (F.softplus(-s_r).mean() + F.softplus(s_f).mean())
+
+    validate = None
+    if val_real is not None:
+        def validate() -> tuple[float, float]:
+            return _eval_binary(discriminator, val_real, val_fake, 1024)  # type: ignore[arg-type]
+
+    return _fit_discriminator(discriminator, opt, batch_loss, validate, steps, val_every,
+                              keep_best)
 
 
 
@@ -543,45 +568,26 @@ def train_pair_discriminator(
         return out[:n] - out[n:]
 
     opt = optimizer or torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    hist: dict[str, list[float]] = {"step": [], "train_loss": [], "val_loss": [], "val_acc": []}
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
-    val_pairs = None
+
+    def batch_loss() -> torch.Tensor:
+        x = real_s(batch_size)
+        return F.softplus(-pair_logit(x, propose(x))).mean()
+
+    validate = None
     if val_real is not None:
         val_pairs = (val_real, propose(val_real))
-    running, cnt = 0.0, 0
-    for step in range(1, steps + 1):
-        discriminator.train()
-        x = real_s(batch_size)
-        y = propose(x)
-        loss = F.softplus(-pair_logit(x, y)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += float(loss.detach())
-        cnt += 1
-        if step % val_every == 0 or step == steps:
-            hist["step"].append(step)
-            hist["train_loss"].append(running / cnt)
-            running, cnt = 0.0, 0
-            if val_pairs is not None:
-                discriminator.eval()
-                with torch.no_grad():
-                    tot, acc, m = 0.0, 0, 0
-                    for xa, ya in zip(val_pairs[0].split(1024), val_pairs[1].split(1024),
-                                      strict=True):
-                        lg = pair_logit(xa, ya)
-                        tot += float(F.softplus(-lg).sum())
-                        acc += int((lg > 0).sum())
-                        m += xa.shape[0]
-                hist["val_loss"].append(tot / m)
-                hist["val_acc"].append(acc / m)
-                if keep_best and (best is None or tot / m < best[0]):
-                    best = (tot / m, {k: v.detach().clone()
-                                      for k, v in discriminator.state_dict().items()})
-    if best is not None:
-        discriminator.load_state_dict(best[1])
-    discriminator.eval()
-    return hist
+
+        def validate() -> tuple[float, float]:
+            tot, acc, m = 0.0, 0, 0
+            for xa, ya in zip(val_pairs[0].split(1024), val_pairs[1].split(1024), strict=True):
+                lg = pair_logit(xa, ya)
+                tot += float(F.softplus(-lg).sum())
+                acc += int((lg > 0).sum())
+                m += xa.shape[0]
+            return tot / m, acc / m
+
+    return _fit_discriminator(discriminator, opt, batch_loss, validate, steps, val_every,
+                              keep_best)
 
 
 # --------------------------------------------------------------------------------------------
