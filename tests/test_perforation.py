@@ -84,18 +84,39 @@ def test_strided_kernel_on_regular_grid() -> None:
                                ((14, 14), 0.75, (7, 7))):
         conv = nn.Conv2d(3, 4, 3, padding=1)
         for seed in range(4):  # random offsets
-            p = PerforatedConv2d.from_conv(conv, size, rate=rate, mask="grid", seed=seed,
-                                           kernel="strided")
-            assert p.lattice is not None and (p.lattice[2], p.lattice[5]) == expect
             x = torch.randn(2, 3, *size)
-            assert torch.allclose(p(x), _dense_reference(conv, p, x), atol=1e-5)
+            for kernel in ("strided", "strided_pad"):
+                p = PerforatedConv2d.from_conv(conv, size, rate=rate, mask="grid", seed=seed,
+                                               kernel=kernel)
+                assert p.lattice is not None and (p.lattice[2], p.lattice[5]) == expect
+                assert torch.allclose(p(x), _dense_reference(conv, p, x), atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["gather", "dense", "strided"])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2), (2, 3, 1)])
+def test_strided_pad_kernel_with_stride_padding_dilation(stride: int, padding: int,
+                                                          dilation: int) -> None:
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, dilation=dilation)
+    # input size whose output is 16 x 12: grid r=0.75 is then a step-2 lattice
+    size = tuple((o - 1) * stride + dilation * 2 + 1 - 2 * padding for o in (16, 12))
+    x = torch.randn(2, 3, *size)
+    offsets = set()
+    for seed in range(8):  # random offsets 0/1 on both axes
+        p = PerforatedConv2d.from_conv(conv, size, rate=0.75, mask="grid", seed=seed)
+        assert p.output_size == (16, 12) and p.lattice is not None
+        offsets.add((p.lattice[0], p.lattice[3]))
+        ref = _dense_reference(conv, p, x)
+        with torch.no_grad():
+            for kernel in ("strided", "strided_pad"):
+                assert torch.allclose(p._run(kernel, x, True), ref, atol=1e-5), (seed, kernel)
+    assert len(offsets) >= 3  # both offsets were exercised
+
+
+@pytest.mark.parametrize("kernel", ["gather", "dense", "strided", "strided_pad"])
 def test_gradients_match_masked_dense_reference(kernel: str) -> None:
     torch.manual_seed(3)
     conv = nn.Conv2d(3, 5, 3, padding=1, stride=1)
-    mask = "grid" if kernel == "strided" else "uniform"
+    mask = "grid" if kernel.startswith("strided") else "uniform"
     p = PerforatedConv2d.from_conv(conv, (8, 8), rate=0.75, mask=mask, seed=0, kernel=kernel)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     g = torch.randn(2, 5, 8, 8)
@@ -338,3 +359,52 @@ def test_inference_mode_caches_do_not_leak() -> None:
     for out in (a, b, c):
         assert torch.allclose(out, ref, atol=1e-5)
     assert p.weight.grad is not None
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 1),
+                                  nn.MaxPool2d((2, 3), (2, 1))])
+@pytest.mark.parametrize("mask", ["grid", "uniform"])
+def test_fused_pool_equals_pool_of_filled_map(pool: nn.MaxPool2d, mask: str) -> None:
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(3, 3, 12, 10)
+    p = PerforatedConv2d.from_conv(conv, (12, 10), rate=0.75, mask=mask, seed=1,
+                                   activation=nn.ReLU())
+    with torch.no_grad():
+        ref = pool(p(x))
+        p.fuse_pool(pool)
+        for kernel in p.available_kernels():
+            assert torch.allclose(p._run(kernel, x, True), ref, atol=1e-6), kernel
+        assert torch.allclose(p(x[:1]), ref[:1], atol=1e-6)  # another batch size
+    p.fuse_pool(None)
+    with torch.no_grad():
+        ref = nn.ReLU()(p.to_conv()(x)).flatten(2)[:, :, p._fill_dense].view(3, 4, 12, 10)
+        assert torch.allclose(p(x), ref, atol=1e-6)
+
+
+def test_fuse_for_inference_fuses_pools_in_vgg() -> None:
+    torch.manual_seed(7)
+    model = VGGSmall().eval()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    p = perforate(model, dict.fromkeys(convs, 0.75), (28, 28), mask="grid", seed=0).eval()
+    fused = fuse_for_inference(p)
+    pooled = [m for m in fused.features if isinstance(m, PerforatedConv2d) and m.fused_pool]
+    assert len(pooled) == 3
+    assert not any(isinstance(m, nn.MaxPool2d) for m in fused.features)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), p(x), atol=1e-5)
+        unfused = fuse_for_inference(p, fuse_pools=False)
+        assert sum(isinstance(m, nn.MaxPool2d) for m in unfused.features) == 3
+        assert torch.allclose(unfused(x), p(x), atol=1e-5)
+
+
+def test_fuse_pool_bad_input() -> None:
+    p = PerforatedConv2d(2, 2, 3, (8, 8), rate=0.5, padding=1, seed=0)
+    with pytest.raises(TypeError, match="pool"):
+        p.fuse_pool(nn.AvgPool2d(2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ceil_mode"):
+        p.fuse_pool(nn.MaxPool2d(2, ceil_mode=True))
+    with pytest.raises(ValueError, match="does not fit"):
+        p.fuse_pool(nn.MaxPool2d(9))
+    assert p.fused_pool is None  # unchanged after the errors

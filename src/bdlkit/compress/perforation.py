@@ -5,12 +5,16 @@ A perforated convolution evaluates the convolution only at a subset of its outpu
 nearest kept position (Euclidean distance, ties broken at random). The perforation rate ``r``
 is the fraction of skipped positions; the theoretical speed-up of the layer is ``1 / (1 - r)``.
 
-Three exact kernels compute the kept values; all return the same numbers up to float rounding
+Four exact kernels compute the kept values; all return the same numbers up to float rounding
 and :class:`PerforatedConv2d` picks the fastest one per (batch size, dtype) by timing them on the
 first call (``kernel="auto"``):
 
 * ``"strided"`` (only when the kept set is a regular lattice ``{oh + a*sh} x {ow + b*sw}``, e.g.
-  most grid masks): one dense convolution with stride ``stride * step`` on the lattice.
+  most grid masks): one dense convolution with stride ``stride * step`` on the lattice
+  (lattices that start at an odd offset need zeros below the input: a padded copy).
+* ``"strided_pad"`` (regular lattices): the same strided convolution over the whole input with
+  a larger symmetric padding and the lattice sliced from its output: no input copy, at the
+  price of one extra output row/column for offset lattices.
 * ``"gather"`` (any mask): gather the input patches of the kept positions (precomputed indices,
   channels-last rows) and multiply them with the weight as one 1x1 convolution (oneDNN is
   much faster than MKL ``mm`` on this hardware, see PERF.md).
@@ -62,7 +66,7 @@ __all__ = [
 ]
 
 MASK_TYPES = ("uniform", "grid", "structure", "impact")
-KERNELS = ("auto", "strided", "gather", "dense")
+KERNELS = ("auto", "strided", "strided_pad", "gather", "dense")
 _CL = torch.channels_last
 
 
@@ -375,6 +379,7 @@ class PerforatedConv2d(nn.Module):
         self.groups = 1
         self.kernel = kernel
         self.activation = activation
+        self.fused_pool: nn.MaxPool2d | None = None  # set by fuse_pool
         fk = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *ks, **fk))
         self.bias = nn.Parameter(torch.empty(out_channels, **fk)) if bias else None
@@ -470,8 +475,10 @@ class PerforatedConv2d(nn.Module):
             fill = nearest_fill_index(m, None if seed is None else seed + 1)
         kept = m.flatten().nonzero().squeeze(1)
         lattice = _regular_lattice(m)
-        if self.kernel == "strided" and lattice is None and int(m.sum()) < m.numel():
-            raise ValueError("kernel='strided' needs a regular-lattice mask (e.g. mask='grid')")
+        if self.kernel in ("strided", "strided_pad") and lattice is None \
+                and int(m.sum()) < m.numel():
+            raise ValueError(f"kernel={self.kernel!r} needs a regular-lattice mask "
+                             "(e.g. mask='grid')")
         # patch indices into the zero-padded input, channels-last rows
         hp, wp = h + 2 * pd[0], w + 2 * pd[1]
         kr, kc = kept // wo, kept % wo
@@ -550,7 +557,7 @@ class PerforatedConv2d(nn.Module):
         """Kernels that can compute this layer's mask."""
         ks = ["gather", "dense"]
         if self.lattice is not None:
-            ks.insert(0, "strided")
+            ks[:0] = ["strided", "strided_pad"]
         return ks
 
     def _buf(self, key: Any, shape: Sequence[int], like: torch.Tensor, zero: bool = False
@@ -562,7 +569,7 @@ class PerforatedConv2d(nn.Module):
             self._cache[k] = b
         return b
 
-    def _batch_index(self, name: str, idx: torch.Tensor, n: int, stride: int) -> torch.Tensor:
+    def _batch_index(self, name: Any, idx: torch.Tensor, n: int, stride: int) -> torch.Tensor:
         key = (name, n)
         t = self._cache.get(key)
         if t is None:
@@ -588,6 +595,8 @@ class PerforatedConv2d(nn.Module):
         c = y_rows.shape[1]
         if self.activation is not None:
             y_rows = self.activation(y_rows)
+        if self.fused_pool is not None:
+            return self._pool_out(y_rows, n)
         if self.num_kept == ho * wo:
             out = y_rows
         else:
@@ -595,8 +604,83 @@ class PerforatedConv2d(nn.Module):
             out = torch.index_select(y_rows, 0, idx)
         return out.view(n, ho, wo, c).permute(0, 3, 1, 2)
 
+    def fuse_pool(self, pool: nn.MaxPool2d | None) -> PerforatedConv2d:
+        """Apply ``pool`` (the max-pooling layer that follows) inside this layer, reading the
+        kept values through the fill indices instead of materialising the filled map: the
+        paper's implicit interpolation. The output is then the pooled map (equal to
+        ``pool(self(x))`` without fusion). Inference only; ``None`` undoes it. Returns ``self``.
+
+        Example:
+            >>> p = PerforatedConv2d(2, 3, 3, (8, 8), rate=0.75, mask="grid", padding=1, seed=0)
+            >>> x = torch.randn(1, 2, 8, 8)
+            >>> ref = nn.MaxPool2d(2)(p(x))
+            >>> torch.allclose(p.fuse_pool(nn.MaxPool2d(2))(x), ref)
+            True
+        """
+        if pool is not None:
+            if not isinstance(pool, nn.MaxPool2d):
+                raise TypeError(f"pool must be an nn.MaxPool2d or None, got {type(pool).__name__}")
+            if _pair("pool.dilation", pool.dilation) != (1, 1) or pool.ceil_mode \
+                    or pool.return_indices:
+                raise ValueError("fuse_pool supports MaxPool2d with dilation 1, ceil_mode=False "
+                                 "and return_indices=False")
+            self._pool_geometry(pool)  # validates the sizes before anything changes
+        self.fused_pool = pool
+        self._caches = {False: {}, True: {}}
+        self._choice = {}
+        return self
+
+    def _pool_geometry(self, pool: nn.MaxPool2d) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``(P, window)`` kept-row indices of every pooling window and the pooled size.
+
+        Window cells in the padding take a valid cell of the same window (max unchanged)."""
+        ho, wo = self.output_size
+        k, st, pd = (_pair("pool.kernel_size", pool.kernel_size),
+                     _pair("pool.stride", pool.stride if pool.stride else pool.kernel_size),
+                     _pair("pool.padding", pool.padding))
+        if 2 * pd[0] > k[0] or 2 * pd[1] > k[1]:
+            raise ValueError("pool padding must be at most half the pool kernel")
+        ph, pw = (ho + 2 * pd[0] - k[0]) // st[0] + 1, (wo + 2 * pd[1] - k[1]) // st[1] + 1
+        if ph < 1 or pw < 1:
+            raise ValueError(f"pool {pool} does not fit this layer's output {self.output_size}")
+        r = (torch.arange(ph) * st[0] - pd[0])[:, None] + torch.arange(k[0])[None, :]
+        c = (torch.arange(pw) * st[1] - pd[1])[:, None] + torch.arange(k[1])[None, :]
+        rv, cv = (r >= 0) & (r < ho), (c >= 0) & (c < wo)
+        # replace out-of-map cells by the first valid cell of the window
+        r = torch.where(rv, r, r.gather(1, rv.float().argmax(1, keepdim=True)))
+        c = torch.where(cv, c, c.gather(1, cv.float().argmax(1, keepdim=True)))
+        pos = r[:, None, :, None] * wo + c[None, :, None, :]  # (ph, pw, kh, kw)
+        fill = self.fill_index.to("cpu")
+        return fill[pos.reshape(ph * pw, -1)], (ph, pw)
+
+    def _pool_out(self, y_rows: torch.Tensor, n: int) -> torch.Tensor:
+        """Max over each pooling window of the (implicitly filled) kept rows."""
+        assert self.fused_pool is not None
+        geo = self._cache.get("pool_geometry")
+        if geo is None:
+            win, size = self._pool_geometry(self.fused_pool)
+            cols: list[torch.Tensor] = []
+            for j in range(win.shape[1]):  # windows often read one kept row twice: dedupe
+                col = win[:, j].contiguous().to(y_rows.device)
+                if not any(torch.equal(col, u) for u in cols):
+                    cols.append(col)
+            geo = self._cache["pool_geometry"] = (cols, size)
+        cols, (ph, pw) = geo
+        idx = [self._batch_index(("pool", j), col, n, self.num_kept) for j, col in enumerate(cols)]
+        out = torch.index_select(y_rows, 0, idx[0])
+        for ix in idx[1:]:
+            if y_rows.requires_grad and torch.is_grad_enabled():
+                out = torch.maximum(out, torch.index_select(y_rows, 0, ix))
+            else:
+                torch.maximum(out, torch.index_select(y_rows, 0, ix), out=out)
+        return out.view(n, ph, pw, y_rows.shape[1]).permute(0, 3, 1, 2)
+
     def _forward_dense(self, x: torch.Tensor, no_grad: bool) -> torch.Tensor:
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.fused_pool is not None:  # compact kept rows, then the shared pooled fill
+            n, c = y.shape[:2]
+            rows = y.permute(0, 2, 3, 1).reshape(n, -1, c)[:, self._kept].reshape(-1, c)
+            return self._fill_out(rows, n, no_grad)
         n, c, ho, wo = y.shape
         if y.is_contiguous(memory_format=_CL) and not y.is_contiguous():
             rows = y.permute(0, 2, 3, 1).reshape(n * ho * wo, c)
@@ -650,6 +734,40 @@ class PerforatedConv2d(nn.Module):
             y = F.conv2d(xp, self.weight, self.bias, st, 0, self.dilation)
         n = y.shape[0]
         y = y.contiguous(memory_format=_CL)
+        return self._fill_out(y.permute(0, 2, 3, 1).reshape(n * nh * nw, -1), n, no_grad)
+
+    def _pad_plan(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Symmetric padding ``(P_h, P_w)`` and first output index ``(b_h, b_w)`` such that
+        the convolution of the whole input with stride ``stride * step`` and padding ``P``
+        has the lattice at outputs ``b .. b + n - 1``: no input slice or padded copy, at the
+        price of ``b`` extra output rows/columns (the offset-1 lattices of the paper's grid)."""
+        assert self.lattice is not None
+        oh, sh, nh, ow, sw, nw = self.lattice
+        pads, firsts = [], []
+        for o, step, n, size, k, s, p, d in (
+            (oh, sh, nh, self.input_size[0], self.kernel_size[0], self.stride[0],
+             self.padding[0], self.dilation[0]),
+            (ow, sw, nw, self.input_size[1], self.kernel_size[1], self.stride[1],
+             self.padding[1], self.dilation[1]),
+        ):
+            big_s = s * step
+            start = o * s - p
+            end = start + (n - 1) * big_s + d * (k - 1) + 1
+            need = max(0, end - size)  # zeros needed below/right of the input
+            first = max(0, -(-(start + need) // big_s))
+            pads.append(first * big_s - start)
+            firsts.append(first)
+        return (pads[0], pads[1]), (firsts[0], firsts[1])
+
+    def _forward_strided_pad(self, x: torch.Tensor, no_grad: bool) -> torch.Tensor:
+        assert self.lattice is not None
+        _, sh, nh, _, sw, nw = self.lattice
+        (ph, pw), (bh, bw) = self._pad_plan()
+        st = (self.stride[0] * sh, self.stride[1] * sw)
+        y = F.conv2d(x.contiguous(memory_format=_CL), self.weight, self.bias, st, (ph, pw),
+                     self.dilation)
+        y = y[:, :, bh:bh + nh, bw:bw + nw].contiguous(memory_format=_CL)
+        n = y.shape[0]
         return self._fill_out(y.permute(0, 2, 3, 1).reshape(n * nh * nw, -1), n, no_grad)
 
     def _forward_gather(self, x: torch.Tensor, no_grad: bool) -> torch.Tensor:
@@ -728,7 +846,8 @@ class PerforatedConv2d(nn.Module):
                 f"{self.input_size}; call .prepare(new_size) to re-make the mask")
         if self.num_kept == self.output_size[0] * self.output_size[1]:
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-            return y if self.activation is None else self.activation(y)
+            y = y if self.activation is None else self.activation(y)
+            return y if self.fused_pool is None else self.fused_pool(y)
         no_grad = not (torch.is_grad_enabled() and (
             x.requires_grad or self.weight.requires_grad
             or (self.bias is not None and self.bias.requires_grad)))
@@ -1035,7 +1154,8 @@ def search_rates(
     calls); when the predicted speed-up reaches the target, the network speed-up is measured
     (interleaved with ``model``, ratio of the fastest calls) and the search continues while it
     is below ``target_speedup``. Time ``model`` as you will deploy it (e.g. after
-    :func:`fuse_for_inference`, channels-last); the candidates inherit its layout. The loss
+    :func:`fuse_for_inference`, channels-last); the candidates inherit its layout and are
+    measured after :func:`fuse_for_inference` too. The loss
     is measured on the first ``num_batches`` batches of ``loader``.
 
     Returns ``{"rates", "predicted_speedup", "measured_speedup", "loss", "base_loss",
@@ -1109,8 +1229,9 @@ def search_rates(
     measured = 1.0
     for _ in range(max_steps):
         if predicted(state) >= target_speedup:
-            net = perforate(model, rates_of(state), input_size, mask=mask, seed=seed) \
-                if rates_of(state) else model
+            # deployment form: ReLU and max-pooling read the kept values (fuse_for_inference)
+            net = fuse_for_inference(perforate(model, rates_of(state), input_size, mask=mask,
+                                               seed=seed)) if rates_of(state) else model
             measured = _time_pair(model, net, xin, repeats=repeats)["speedup_best"]
             if measured >= target_speedup:
                 break
@@ -1191,10 +1312,14 @@ def fine_tune(
     return losses
 
 
-def fuse_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Fold eval-mode BatchNorm2d into the preceding conv and move a following ReLU into
-    perforated convs (applied to kept values before the fill). Works on ``nn.Sequential``
-    containers (conv, BN, ReLU as consecutive children). Use for inference only.
+def fuse_for_inference(model: nn.Module, inplace: bool = False, fuse_pools: bool = True
+                       ) -> nn.Module:
+    """Fold eval-mode BatchNorm2d into the preceding conv, move a following ReLU into
+    perforated convs (applied to kept values before the fill) and, with ``fuse_pools``, a
+    following ``nn.MaxPool2d`` too (:meth:`PerforatedConv2d.fuse_pool`: the pool reads the kept
+    values through the fill indices, the paper's implicit interpolation). Works on
+    ``nn.Sequential`` containers (conv, BN, ReLU, pool as consecutive children). Use for
+    inference only.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()).eval()
@@ -1233,4 +1358,21 @@ def fuse_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
                     and isinstance(seq._modules[nxt], nn.ReLU):
                 conv.activation = nn.ReLU(inplace=False)
                 seq._modules[nxt] = nn.Identity()
+                nxt = keys[keys.index(nxt) + 1] if keys.index(nxt) + 1 < len(keys) else None
+            if fuse_pools and isinstance(conv, PerforatedConv2d) and conv.fused_pool is None \
+                    and nxt is not None and _fusable_pool(conv, seq._modules[nxt]):
+                conv.fuse_pool(seq._modules[nxt])
+                seq._modules[nxt] = nn.Identity()
     return net
+
+
+def _fusable_pool(conv: PerforatedConv2d, mod: nn.Module) -> bool:
+    """Whether ``mod`` is a max-pooling layer :meth:`PerforatedConv2d.fuse_pool` accepts."""
+    if not isinstance(mod, nn.MaxPool2d) or conv.num_kept == conv.mask.numel():
+        return False
+    try:
+        conv._pool_geometry(mod)
+    except ValueError:
+        return False
+    return _pair("pool.dilation", mod.dilation) == (1, 1) and not mod.ceil_mode \
+        and not mod.return_indices
