@@ -352,3 +352,19 @@ def test_prune_rejects_non_sequential_graphs() -> None:
     net = sbp.add_noise(Residual())
     with pytest.raises(ValueError, match="Sequential-style"):
         sbp.prune(net, example_input=torch.randn(3, 6))
+
+
+def test_recipe_lr_schedule_holds_then_decays_to_floor() -> None:
+    from bdlkit.experiments.sbp import FULL, QUICK, lr_factor
+
+    vals = [lr_factor(s, 100, 0.5, 0.01) for s in range(101)]
+    assert vals[:51] == [1.0] * 51
+    assert all(a >= b for a, b in zip(vals, vals[1:], strict=False))
+    assert vals[-1] == pytest.approx(0.01)
+    assert lr_factor(500, 100, 0.0, 0.1) == pytest.approx(0.1)
+    for cfg in (*FULL.values(), *QUICK.values()):
+        assert 0.0 <= cfg["hold"] <= 1.0 and 0.0 <= cfg["floor"] <= 1.0
+    with pytest.raises(ValueError, match="total"):
+        lr_factor(0, 0, 0.5, 0.01)
+    with pytest.raises(ValueError, match="hold"):
+        lr_factor(0, 10, 1.5, 0.01)
