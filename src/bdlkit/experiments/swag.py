@@ -11,6 +11,7 @@ OOD: Fashion-MNIST test (in) vs MNIST test (out), scored by predictive entropy.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -26,14 +27,15 @@ from ..models import VGGSmall
 from ..posterior.swag import SWAG, swa_scheduler
 from ..train import fit, predict_proba, seed_everything
 
-# lr_init 0.1 / swa_lr 0.05 is the SWA paper's WideResNet setting; with the VGG16 setting
-# (0.05 / 0.01) the short 5-epoch SWA phase left the iterates too close together (see
-# docs/results/swag.md). Sizes are cut so that the run fits ~25 min on the shared 2-core box.
+# FULL: the whole Fashion-MNIST training set minus a 10k validation split, the full 10k test
+# set, the full 10k MNIST test set as OOD, 30 samples. lr_init / swa_lr / scale were chosen by
+# `select_on_validation` (validation NLL of SWAG; see docs/results.md); epochs / swa_start are
+# set by the ~40-minute budget on a shared 2-core machine (SWA phase = 3 of 8 epochs).
 FULL = {
-    "n_train": 12000, "n_val": 2000, "n_test": 5000, "n_ood": 2000,
-    "epochs": 12, "swa_start": 7, "collects_per_epoch": 4, "max_rank": 20,
-    "n_samples": 20, "bn_batches": 4, "bn_batch_size": 256,
-    "batch_size": 128, "lr_init": 0.1, "swa_lr": 0.05, "weight_decay": 5e-4, "scale": 0.5,
+    "n_train": 50000, "n_val": 10000, "n_test": 10000, "n_ood": 10000,
+    "epochs": 8, "swa_start": 5, "collects_per_epoch": 7, "max_rank": 20,
+    "n_samples": 30, "bn_batches": 4, "bn_batch_size": 256,
+    "batch_size": 128, "lr_init": 0.1, "swa_lr": 0.05, "weight_decay": 5e-4, "scale": 0.25,
 }
 QUICK = dict(FULL, n_train=3000, n_val=1000, n_test=2000, n_ood=1000, epochs=4, swa_start=2,
              n_samples=4, bn_batches=4)
@@ -70,49 +72,37 @@ def _scaled(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(probs.clamp_min(1e-12).log() / temperature, dim=1)
 
 
-def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Train, collect, evaluate the five methods; returns the report dict."""
-    cfg = dict(QUICK if quick else FULL)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
+def _datasets(cfg: dict[str, Any], seed: int) -> dict[str, TensorDataset]:
+    """Train / validation split of Fashion-MNIST train, the test set, MNIST test (OOD) and a
+    validation OOD set of MNIST *training* images (used only for selection, never the test)."""
     fm_train, fm_test = data.fashion_mnist()
-    _, mnist_test = data.mnist()
+    mnist_train, mnist_test = data.mnist()
     pool = data.subset(fm_train, cfg["n_train"] + cfg["n_val"], seed=seed)
     x, y = pool.tensors
-    train = TensorDataset(x[: cfg["n_train"]], y[: cfg["n_train"]])
-    val = TensorDataset(x[cfg["n_train"]:], y[cfg["n_train"]:])
-    test = fm_test if cfg["n_test"] >= len(fm_test) else data.subset(fm_test, cfg["n_test"], seed)
-    ood = data.subset(mnist_test, cfg["n_ood"], seed=seed)
-    # one evaluation pass covers the in-distribution test set and the OOD set
-    eval_set = TensorDataset(torch.cat([test.tensors[0], ood.tensors[0]]),
-                             torch.cat([test.tensors[1], ood.tensors[1]]))
-    n_in = len(test)
-    eval_loader = data.loader(eval_set, 500)
-    val_loader = data.loader(val, 500)
-    train_loader = data.loader(train, cfg["batch_size"], shuffle=True, seed=seed)
-    bn_loader = data.loader(train, cfg["bn_batch_size"], shuffle=True, seed=seed + 1)
+    return {
+        "train": TensorDataset(x[: cfg["n_train"]], y[: cfg["n_train"]]),
+        "val": TensorDataset(x[cfg["n_train"]:], y[cfg["n_train"]:]),
+        "test": fm_test if cfg["n_test"] >= len(fm_test)
+        else data.subset(fm_test, cfg["n_test"], seed),
+        "ood": mnist_test if cfg["n_ood"] >= len(mnist_test)
+        else data.subset(mnist_test, cfg["n_ood"], seed=seed),
+        "val_ood": data.subset(mnist_train, cfg.get("n_val_ood", cfg["n_ood"]), seed=seed),
+    }
+
+
+def _joined(a: TensorDataset, b: TensorDataset) -> TensorDataset:
+    return TensorDataset(torch.cat([a.tensors[0], b.tensors[0]]),
+                         torch.cat([a.tensors[1], b.tensors[1]]))
+
+
+def _train_sgd_branch(sgd: torch.nn.Module, opt: torch.optim.Optimizer, cfg: dict[str, Any],
+                      train_loader: Any, rest: int) -> None:
+    """SGD baseline: continue from ``opt``'s state for ``rest`` epochs, lr decaying linearly
+    from ``swa_lr`` to 1 % of ``lr_init`` (the same budget as the SWA phase)."""
     steps = len(train_loader)
-
-    # ---- shared pre-SWA phase (reference schedule, per-batch lr)
-    seed_everything(seed)
-    model = VGGSmall().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr_init"], momentum=0.9,
-                          weight_decay=cfg["weight_decay"])
-    sched = swa_scheduler(opt, swa_start=cfg["swa_start"], swa_lr=cfg["swa_lr"],
-                          steps_per_epoch=steps)
-    fit(model, train_loader, cfg["swa_start"], opt, sched, scheduler_step="batch")
-    timings["pre-SWA training"] = time.perf_counter() - t0
-
-    # ---- SGD branch: same model/optimizer state, lr decays on to 1 % of lr_init
-    t = time.perf_counter()
-    sgd = copy.deepcopy(model)
     sgd_opt = torch.optim.SGD(sgd.parameters(), lr=cfg["swa_lr"], momentum=0.9,
                               weight_decay=cfg["weight_decay"])
     sgd_opt.load_state_dict(opt.state_dict())
-    rest = cfg["epochs"] - cfg["swa_start"]
     lr_end = 0.01 * cfg["lr_init"]
     for g in sgd_opt.param_groups:
         g["lr"] = cfg["swa_lr"]
@@ -123,7 +113,37 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         / cfg["swa_lr"],
     )
     fit(sgd, train_loader, rest, sgd_opt, sgd_sched, scheduler_step="batch")
-    timings["SGD branch training"] = time.perf_counter() - t
+
+
+def _train_arms(cfg: dict[str, Any], train: TensorDataset, seed: int,
+                timings: dict[str, float], sgd_branch: bool = True,
+                ) -> tuple[torch.nn.Module | None, SWAG, int, int]:
+    """Shared pre-SWA phase, then the SGD branch (unless ``sgd_branch`` is False) and the SWA
+    phase (collecting into SWAG).
+
+    Returns ``(sgd_model or None, swag, steps_per_epoch, collect_every)``; fills ``timings``.
+    """
+    train_loader = data.loader(train, cfg["batch_size"], shuffle=True, seed=seed)
+    steps = len(train_loader)
+
+    # ---- shared pre-SWA phase (reference schedule, per-batch lr)
+    t = time.perf_counter()
+    seed_everything(seed)
+    model = VGGSmall().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr_init"], momentum=0.9,
+                          weight_decay=cfg["weight_decay"])
+    sched = swa_scheduler(opt, swa_start=cfg["swa_start"], swa_lr=cfg["swa_lr"],
+                          steps_per_epoch=steps)
+    fit(model, train_loader, cfg["swa_start"], opt, sched, scheduler_step="batch")
+    timings["pre-SWA training"] = time.perf_counter() - t
+
+    # ---- SGD branch: same model/optimizer state, lr decays on to 1 % of lr_init
+    t = time.perf_counter()
+    rest = cfg["epochs"] - cfg["swa_start"]
+    sgd = copy.deepcopy(model) if sgd_branch else None
+    if sgd is not None:
+        _train_sgd_branch(sgd, opt, cfg, train_loader, rest)
+        timings["SGD branch training"] = time.perf_counter() - t
 
     # ---- SWA phase: constant swa_lr, collect several times per epoch
     t = time.perf_counter()
@@ -144,6 +164,90 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     fit(model, train_loader, rest, opt, None, callbacks=[collector])
     timings["SWA phase training (incl. collect)"] = time.perf_counter() - t
     timings["collect total"] = collect_s[0]
+    return sgd, swag, steps, every
+
+
+def _scores(p: torch.Tensor, labels: torch.Tensor, n_in: int) -> dict[str, float]:
+    """Classification metrics on the first ``n_in`` rows, entropy OOD AUROC against the rest."""
+    m = classification_metrics(p[:n_in], labels[:n_in])
+    ent = predictive_entropy(p)
+    m["ood_auroc"] = ood_auroc(ent[:n_in], ent[n_in:])
+    m["entropy_in"] = float(ent[:n_in].mean())
+    m["entropy_out"] = float(ent[n_in:].mean())
+    return m
+
+
+def select_on_validation(out_dir: Path, grid: list[tuple[float, float]] | None = None,
+                         scales: tuple[float, ...] = (0.25, 0.5, 1.0), n_samples: int = 10,
+                         n_train: int = 25000, n_eval: int = 5000, seed: int = 0,
+                         **overrides: Any) -> dict[str, Any]:
+    """Validation sweep used to choose ``lr_init`` / ``swa_lr`` / ``scale`` of the FULL config.
+
+    Trains the FULL pre-SWA + SWA schedule (epochs, swa_start, collection rate) once per
+    ``(lr_init, swa_lr)`` in ``grid`` on the first ``n_train`` images of the FULL training split
+    (a proxy, to fit the compute budget; no SGD branch) and scores SWA and SWAG (each ``scale``)
+    on ``n_eval`` images of the FULL validation split (held out of the Fashion-MNIST *training*
+    set), OOD = ``n_eval`` MNIST *training* images. Test data are never scored. Writes
+    ``out_dir/sweep.json`` and returns its content.
+
+    Example:
+        >>> select_on_validation(Path("/tmp/s"), grid=[], scales=())["runs"]
+        []
+    """
+    grid = [(0.05, 0.01), (0.1, 0.05)] if grid is None else grid
+    if any(not (isinstance(a, float) and isinstance(b, float) and a >= b > 0) for a, b in grid):
+        raise ValueError(f"grid must hold (lr_init, swa_lr) float pairs, 0 < swa_lr <= lr_init, "
+                         f"got {grid!r}")
+    result: dict[str, Any] = {"runs": [], "scales": list(scales), "n_samples": n_samples}
+    if not grid:
+        return result
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = {**FULL, "n_val_ood": n_eval, **overrides}
+    sets = _datasets(base, seed)
+    x, y = sets["train"].tensors
+    sets["train"] = TensorDataset(x[:n_train], y[:n_train])
+    x, y = sets["val"].tensors
+    sets["val"] = TensorDataset(x[:n_eval], y[:n_eval])
+    n_in = len(sets["val"])
+    eval_loader = data.loader(_joined(sets["val"], sets["val_ood"]), 500)
+    result.update(n_train=len(sets["train"]), n_eval=n_eval)
+    for lr_init, swa_lr in grid:
+        cfg = dict(base, lr_init=lr_init, swa_lr=swa_lr)
+        timings: dict[str, float] = {}
+        _, swag, _, _ = _train_arms(cfg, sets["train"], seed, timings, sgd_branch=False)
+        bn_loader = data.loader(sets["train"], cfg["bn_batch_size"], shuffle=True, seed=seed + 1)
+        common = {"bn_loader": bn_loader, "bn_batches": cfg["bn_batches"], "seed": seed}
+        labels = torch.cat([sets["val"].tensors[1], sets["val_ood"].tensors[1]])
+        scores = {"SWA": _scores(swag.predict(eval_loader, n_samples=1, scale=0.0, **common),
+                                 labels, n_in)}
+        for s in scales:
+            p = swag.predict(eval_loader, n_samples=n_samples, scale=s, **common)
+            scores[f"SWAG scale {s}"] = _scores(p, labels, n_in)
+        result["runs"].append({"lr_init": lr_init, "swa_lr": swa_lr, "scores": scores,
+                               "timings": timings})
+        (out_dir / "sweep.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Train, collect, evaluate the five methods; returns the report dict."""
+    cfg = dict(QUICK if quick else FULL)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    sets = _datasets(cfg, seed)
+    train, val, test, ood = sets["train"], sets["val"], sets["test"], sets["ood"]
+    # one evaluation pass covers the in-distribution test set and the OOD set
+    eval_loader = data.loader(_joined(test, ood), 500)
+    n_in = len(test)
+    val_loader = data.loader(val, 500)
+    bn_loader = data.loader(train, cfg["bn_batch_size"], shuffle=True, seed=seed + 1)
+    sgd, swag, steps, every = _train_arms(cfg, train, seed, timings)
+    rest = cfg["epochs"] - cfg["swa_start"]
+    lr_end = 0.01 * cfg["lr_init"]
 
     # ---- evaluation
     preds: dict[str, torch.Tensor] = {}
@@ -165,12 +269,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         timings[f"{name} eval ({cfg['n_samples']} samples)"] = time.perf_counter() - t
 
     labels_in = labels[:n_in]
-    metrics: dict[str, dict[str, float]] = {}
-    for name, p in preds.items():
-        m = classification_metrics(p[:n_in], labels_in)
-        ent = predictive_entropy(p)
-        m["ood_auroc"] = ood_auroc(ent[:n_in], ent[n_in:])
-        metrics[name] = m
+    metrics = {name: _scores(p, labels, n_in) for name, p in preds.items()}
     plots.reliability_diagram({k: (p[:n_in], labels_in) for k, p in preds.items()},
                               out_dir / "reliability.png",
                               title="Fashion-MNIST test: reliability of SGD / SWA / SWAG")
@@ -183,14 +282,16 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "SWAG OOD AUROC > SGD OOD AUROC": swag_m["ood_auroc"] > sgd_m["ood_auroc"],
     }
     rows = [[name, round(m["accuracy"], 4), round(m["nll"], 4), round(m["ece"], 4),
-             round(m["brier"], 4), round(m["ood_auroc"], 4)] for name, m in metrics.items()]
+             round(m["brier"], 4), round(m["ood_auroc"], 4), round(m["entropy_in"], 4),
+             round(m["entropy_out"], 4)] for name, m in metrics.items()]
     timings["total"] = time.perf_counter() - t0
     epoch_s = timings["SWA phase training (incl. collect)"] / max(rest, 1)
     return {
         "title": "SWA / SWAG on Fashion-MNIST (VGGSmall with BatchNorm)",
         "tables": [
             {"title": "Fashion-MNIST test (OOD: MNIST test, predictive entropy)",
-             "columns": ["method", "acc", "NLL", "ECE", "Brier", "OOD AUROC"], "rows": rows},
+             "columns": ["method", "acc", "NLL", "ECE", "Brier", "OOD AUROC",
+                         "mean entropy in", "mean entropy OOD"], "rows": rows},
             {"title": "Acceptance checks", "columns": ["check", "met"],
              "rows": [[k, bool(v)] for k, v in checks.items()]},
             {"title": "Timings (s)", "columns": ["phase", "seconds"],
@@ -200,6 +301,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                      "caption": "Accuracy minus confidence per confidence bin, "
                                 "Fashion-MNIST test"}],
         "notes": [
+            "lr_init / swa_lr / scale were chosen on a validation split of the training set "
+            "(select_on_validation), never on the test figures.",
             f"Temperature fitted on {len(val)} held-out training images: T = {temperature:.3f}.",
             f"SWAG: {swag.n_collected} collections ({cfg['collects_per_epoch']} per epoch over "
             f"{rest} epochs), rank {swag.rank}, scale {cfg['scale']}, {cfg['n_samples']} samples, "
