@@ -693,20 +693,24 @@ class PerforatedConv2d(nn.Module):
             y = self.activation(y)
         return y.flatten(2).index_select(2, self._fill_dense).view(n, c, ho, wo)
 
+    def _lattice_spans(self) -> list[tuple[int, int, int, int]]:
+        """Per axis ``(start, end, input size, stride * step)``: the input rows/columns (in
+        unpadded coordinates, may lie outside the input) that the lattice's outputs read."""
+        assert self.lattice is not None
+        oh, sh, nh, ow, sw, nw = self.lattice
+        spans = []
+        for o, step, n, axis in ((oh, sh, nh, 0), (ow, sw, nw, 1)):
+            s, d = self.stride[axis], self.dilation[axis]
+            start = o * s - self.padding[axis]
+            end = start + (n - 1) * step * s + d * (self.kernel_size[axis] - 1) + 1
+            spans.append((start, end, self.input_size[axis], step * s))
+        return spans
+
     def _strided_plan(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
         """Input slice ``(r0, r1, c0, c1)`` and padding ``(top, bottom, left, right)`` whose
         convolution with stride ``stride * step`` and no further padding yields the lattice."""
-        assert self.lattice is not None
-        oh, sh, nh, ow, sw, nw = self.lattice
         span, pad = [], []
-        for o, step, n, size, k, s, p, d in (
-            (oh, sh, nh, self.input_size[0], self.kernel_size[0], self.stride[0],
-             self.padding[0], self.dilation[0]),
-            (ow, sw, nw, self.input_size[1], self.kernel_size[1], self.stride[1],
-             self.padding[1], self.dilation[1]),
-        ):
-            start = o * s - p
-            end = start + (n - 1) * step * s + d * (k - 1) + 1
+        for start, end, size, _ in self._lattice_spans():
             span += [max(start, 0), min(end, size)]
             pad += [max(-start, 0), max(end - size, 0)]
         return tuple(span), tuple(pad)  # type: ignore[return-value]
@@ -741,18 +745,8 @@ class PerforatedConv2d(nn.Module):
         the convolution of the whole input with stride ``stride * step`` and padding ``P``
         has the lattice at outputs ``b .. b + n - 1``: no input slice or padded copy, at the
         price of ``b`` extra output rows/columns (the offset-1 lattices of the paper's grid)."""
-        assert self.lattice is not None
-        oh, sh, nh, ow, sw, nw = self.lattice
         pads, firsts = [], []
-        for o, step, n, size, k, s, p, d in (
-            (oh, sh, nh, self.input_size[0], self.kernel_size[0], self.stride[0],
-             self.padding[0], self.dilation[0]),
-            (ow, sw, nw, self.input_size[1], self.kernel_size[1], self.stride[1],
-             self.padding[1], self.dilation[1]),
-        ):
-            big_s = s * step
-            start = o * s - p
-            end = start + (n - 1) * big_s + d * (k - 1) + 1
+        for start, end, size, big_s in self._lattice_spans():
             need = max(0, end - size)  # zeros needed below/right of the input
             first = max(0, -(-(start + need) // big_s))
             pads.append(first * big_s - start)
