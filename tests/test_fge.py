@@ -188,6 +188,21 @@ def test_fge_ensemble_beats_start_on_nll():
     assert nll_ens < nll_start
 
 
+def test_recipe_fge_plan_fits_budget():
+    from bdlkit.experiments.fge import fge_plan
+
+    assert fge_plan(10, 8, 2.0) == (3, 13.0)  # snapshots at 9, 11, 13 passes
+    assert fge_plan(10, 8, 1.0) == (5, 12.5)
+    assert fge_plan(10, 7, 2.0) == (3, 12.0)
+    for epochs, branch, cyc in [(10, 8, 2.0), (5, 4, 1.0), (10, 6, 0.5), (7, 5, 2.0)]:
+        k, passes = fge_plan(epochs, branch, cyc)
+        assert passes <= 1.3 * epochs + 1e-9 < passes + cyc
+    with pytest.raises(ValueError, match="no snapshot"):
+        fge_plan(10, 10, 8.0)
+    with pytest.raises(ValueError, match="branch"):
+        fge_plan(10, 11, 1.0)
+
+
 lightning = pytest.importorskip("lightning.pytorch")
 
 
@@ -238,3 +253,4 @@ def test_lightning_callback_schedule_and_snapshots(tmp_path):
         for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(),
                                       strict=True):
             assert ka == kb and torch.equal(va, vb)
+
