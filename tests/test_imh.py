@@ -351,3 +351,20 @@ def test_thinning_keep_last_and_determinism() -> None:
     assert torch.equal(a.samples[::3], b.samples)
     assert torch.equal(a.final, c.final)
     assert torch.equal(a.acceptance, c.acceptance)
+
+
+def test_discriminator_loss_matches_bce_and_rejects_bad_input() -> None:
+    from bdlkit.generative.imh import discriminator_loss
+
+    real, fake = torch.randn(7, 2), torch.randn(5, 2)
+    disc = torch.nn.Linear(2, 1)
+    loss, acc = discriminator_loss(disc, real, fake, batch_size=3)
+    logits = torch.cat([disc(real), disc(fake)]).squeeze(1).detach()
+    labels = torch.cat([torch.ones(7), torch.zeros(5)])
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    assert abs(loss - float(ref)) < 1e-6
+    assert acc == float(((logits > 0).float() == labels).float().mean())
+    with pytest.raises(ValueError, match="batch_size"):
+        discriminator_loss(disc, real, fake, batch_size=0)
+    with pytest.raises(ValueError, match="empty"):
+        discriminator_loss(disc, real[:0], fake[:0])

@@ -39,8 +39,8 @@ from ..generative.gan import (
 from ..generative.imh import (
     ImplicitMH,
     PairDiscriminator,
-    _eval_binary,
     calibrate_discriminator,
+    discriminator_loss,
     discriminator_rejection_sampling,
     pcn_proposal,
     random_walk_proposal,
@@ -228,7 +228,7 @@ def _run_mnist_seed(seed: int, quick: bool, cfg: dict[str, Any], train_x: torch.
                                    lr=2e-4, val_real=val_x, val_fake=val_fake, val_every=100)
         val_loss = min(hist["val_loss"])
     else:
-        val_loss = _eval_binary(Dr, val_x, val_fake, 1024)[0]
+        val_loss = discriminator_loss(Dr, val_x, val_fake, 1024)[0]
     n = cfg["n_samples"]
     out: dict[str, Any] = {"gan_s": gan_s, "val_loss": val_loss}
     # Calibration chosen on validation only: FID of short independent-iMH runs against
