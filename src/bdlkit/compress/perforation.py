@@ -593,7 +593,9 @@ class PerforatedConv2d(nn.Module):
         """``y_rows``: (n * K, C_out) kept values -> (n, C_out, H, W) channels-last."""
         ho, wo = self.output_size
         c = y_rows.shape[1]
-        if self.activation is not None:
+        if isinstance(self.activation, nn.ReLU) and no_grad:
+            y_rows = torch.relu_(y_rows)  # the kernels' fresh output: no extra pass over memory
+        elif self.activation is not None:
             y_rows = self.activation(y_rows)
         if self.fused_pool is not None:
             return self._pool_out(y_rows, n)
