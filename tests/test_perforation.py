@@ -408,3 +408,15 @@ def test_fuse_pool_bad_input() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         p.fuse_pool(nn.MaxPool2d(9))
     assert p.fused_pool is None  # unchanged after the errors
+
+
+def test_fuse_for_inference_keeps_a_pool_it_cannot_fuse() -> None:
+    torch.manual_seed(8)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    p = PerforatedConv2d.from_conv(conv, (9, 9), rate=0.5, mask="uniform", seed=0)
+    net = nn.Sequential(p, nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)).eval()
+    fused = fuse_for_inference(net)
+    assert isinstance(fused[2], nn.MaxPool2d) and fused[0].fused_pool is None
+    x = torch.randn(2, 2, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), net(x), atol=1e-6)

@@ -1227,7 +1227,8 @@ def search_rates(
         if predicted(state) >= target_speedup:
             # deployment form: ReLU and max-pooling read the kept values (fuse_for_inference)
             net = fuse_for_inference(perforate(model, rates_of(state), input_size, mask=mask,
-                                               seed=seed)) if rates_of(state) else model
+                                               seed=seed), inplace=True) \
+                if rates_of(state) else model
             measured = _time_pair(model, net, xin, repeats=repeats)["speedup_best"]
             if measured >= target_speedup:
                 break
@@ -1356,19 +1357,12 @@ def fuse_for_inference(model: nn.Module, inplace: bool = False, fuse_pools: bool
                 seq._modules[nxt] = nn.Identity()
                 nxt = keys[keys.index(nxt) + 1] if keys.index(nxt) + 1 < len(keys) else None
             if fuse_pools and isinstance(conv, PerforatedConv2d) and conv.fused_pool is None \
-                    and nxt is not None and _fusable_pool(conv, seq._modules[nxt]):
-                conv.fuse_pool(seq._modules[nxt])
+                    and conv.num_kept < conv.mask.numel() and nxt is not None \
+                    and isinstance(seq._modules[nxt], nn.MaxPool2d):
+                try:
+                    conv.fuse_pool(seq._modules[nxt])  # atomic: unchanged if it raises
+                except ValueError:
+                    continue  # a pool fuse_pool cannot take stays a separate layer
                 seq._modules[nxt] = nn.Identity()
     return net
 
-
-def _fusable_pool(conv: PerforatedConv2d, mod: nn.Module) -> bool:
-    """Whether ``mod`` is a max-pooling layer :meth:`PerforatedConv2d.fuse_pool` accepts."""
-    if not isinstance(mod, nn.MaxPool2d) or conv.num_kept == conv.mask.numel():
-        return False
-    try:
-        conv._pool_geometry(mod)
-    except ValueError:
-        return False
-    return _pair("pool.dilation", mod.dilation) == (1, 1) and not mod.ceil_mode \
-        and not mod.return_indices
