@@ -339,8 +339,22 @@ def test_search_rates_reaches_predicted_target() -> None:
     assert {n: (0.5, 0.75)[i - 1] for n, i in level.items() if i} == out["rates"]
     if out["rates"]:
         assert out["predicted_speedup"] > 1.0
+    # one chosen mask per perforated layer, with the requested kept count, from the candidates
+    assert set(out["masks"]) == set(out["rates"])
+    sizes = {"features.0": 28, "features.3": 28, "features.7": 14, "features.10": 14,
+             "features.14": 7, "features.17": 7}
+    for n, m in out["masks"].items():
+        hw = sizes[n]
+        assert m.shape == (hw, hw) and m.dtype == torch.bool
+        cands = [perforation_mask("grid", (hw, hw), out["rates"][n], seed=1000 * i + t)
+                 for i, name in enumerate(sizes) if name == n for t in range(4)]
+        assert any(torch.equal(m, c) for c in cands)
+    bn_modes = [m.training for m in net.modules()]
+    assert bn_modes == [False] * len(bn_modes)  # the search left the model's modes alone
     with pytest.raises(ValueError, match="target_speedup"):
         search_rates(net, data, (28, 28), 0.5)
+    with pytest.raises(ValueError, match="mask_trials"):
+        search_rates(net, data, (28, 28), 1.3, mask_trials=0)
 
 
 def test_inference_mode_caches_do_not_leak() -> None:
@@ -397,6 +411,23 @@ def test_fuse_for_inference_fuses_pools_in_vgg() -> None:
         unfused = fuse_for_inference(p, fuse_pools=False)
         assert sum(isinstance(m, nn.MaxPool2d) for m in unfused.features) == 3
         assert torch.allclose(unfused(x), p(x), atol=1e-5)
+
+
+def test_fuse_for_inference_sees_through_folded_batchnorm() -> None:
+    # perforating an already BN-folded net (BN -> Identity, as the rate search does) must still
+    # move the ReLU and the pooling into the perforated convs
+    torch.manual_seed(7)
+    model = VGGSmall().eval()
+    folded = fuse_for_inference(model)
+    convs = [n for n, m in folded.named_modules() if isinstance(m, nn.Conv2d)]
+    p = perforate(folded, dict.fromkeys(convs, 0.75), (28, 28), mask="grid", seed=0).eval()
+    fused = fuse_for_inference(p)
+    assert sum(isinstance(m, PerforatedConv2d) and m.fused_pool is not None
+               for m in fused.features) == 3
+    assert not any(isinstance(m, nn.ReLU | nn.MaxPool2d) for m in fused.features)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), p(x), atol=1e-5)
 
 
 def test_fuse_pool_bad_input() -> None:

@@ -897,6 +897,24 @@ def _next_pool(model: nn.Module, name: str) -> nn.Module | tuple[int, int, int]:
     return (1, 1, 0)
 
 
+def _following(model: nn.Module, name: str) -> list[nn.Module]:
+    """The BatchNorm / ReLU / max-pooling layers right after conv ``name`` in its parent
+    ``nn.Sequential`` (up to the next other layer): :func:`fuse_for_inference` folds them into
+    a perforated conv, so the rate search times the conv together with them."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return []
+    keys = list(parent._modules)
+    out: list[nn.Module] = []
+    for k in keys[keys.index(child) + 1:]:
+        m = parent._modules[k]
+        if not isinstance(m, nn.BatchNorm2d | nn.ReLU | nn.MaxPool2d | nn.Identity):
+            break
+        out.append(m)
+    return out
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -1141,22 +1159,33 @@ def search_rates(
     repeats: int = 7,
     seed: int | None = 0,
     max_steps: int = 100,
+    mask_trials: int = 4,
 ) -> dict[str, Any]:
     """Greedy per-layer rate search of the paper: repeatedly move the layer whose next
     perforation level costs the least loss increase per second of **measured** time saved.
 
     ``levels`` are kept fractions (``rate = 1 - level``). Layer times are measured once per
     level on this machine (input batch ``batch_size``, eval, no grad, fastest of ``repeats``
-    calls); when the predicted speed-up reaches the target, the network speed-up is measured
-    (interleaved with ``model``, ratio of the fastest calls) and the search continues while it
-    is below ``target_speedup``. Time ``model`` as you will deploy it (e.g. after
-    :func:`fuse_for_inference`, channels-last); the candidates inherit its layout and are
-    measured after :func:`fuse_for_inference` too. The loss
+    calls) in deployment form: the conv with the mask :func:`perforate` will give it (same
+    ``seed``) and the BatchNorm / ReLU / max-pooling that follow it in its ``nn.Sequential``,
+    through :func:`fuse_for_inference`; when the predicted speed-up reaches the target, the
+    network speed-up is measured (interleaved with ``model``, ratio of the fastest calls) and
+    the search continues while it is below ``target_speedup``. Time ``model`` as you will
+    deploy it (e.g. after :func:`fuse_for_inference`, channels-last); the candidates inherit
+    its layout and are measured after :func:`fuse_for_inference` too. The loss
     is measured on the first ``num_batches`` batches of ``loader``.
 
-    Returns ``{"rates", "predicted_speedup", "measured_speedup", "loss", "base_loss",
-    "history", "layer_times"}`` (``layer_times[name][level]`` in seconds). Moves to a level
-    that was not measured faster are never taken; the search stops when none is left.
+    Masks are random (the grid's phase, the uniform positions) and equally good in
+    expectation, but not equally fast: a grid lattice that starts at row or column 1 needs
+    zeros below the input (a padded copy or an extra output row). For every layer and level
+    the search draws ``mask_trials`` masks (seeds ``seed + 1000 i + t``, ``t < mask_trials``;
+    ``t = 0`` is the mask :func:`perforate` gives with ``seed``) and keeps the fastest;
+    ``result["masks"]`` holds them: pass them to :func:`perforate` as ``mask=``.
+
+    Returns ``{"rates", "masks", "predicted_speedup", "measured_speedup", "loss",
+    "base_loss", "history", "layer_times"}`` (``layer_times[name][level]`` in seconds). Moves
+    to a level that was not measured faster are never taken; the search stops when none is
+    left.
 
     Example:
         >>> from bdlkit.models import VGGSmall
@@ -1173,6 +1202,8 @@ def search_rates(
         raise ValueError("levels must start at 1.0 and decrease strictly within (0, 1]")
     if mask not in ("uniform", "grid", "structure"):
         raise ValueError("mask must be 'uniform', 'grid' or 'structure' for the search")
+    if isinstance(mask_trials, bool) or not isinstance(mask_trials, int) or mask_trials < 1:
+        raise ValueError(f"mask_trials must be a positive int, got {mask_trials!r}")
     mods = dict(model.named_modules())
     if layers is None:
         layers = [n for n, m in mods.items() if isinstance(m, nn.Conv2d)]
@@ -1190,23 +1221,34 @@ def search_rates(
     if not batches:
         raise ValueError("loader yielded no batch")
     sizes = _conv_inputs(model, input_size)
+    order = {n: i for i, n in enumerate(sizes)}
     c0 = mods[layers[0]].in_channels if len(input_size) != 3 else input_size[0]
-    # per-layer time per level (measured)
+    # per-layer time per level (measured in deployment form, with the same masks as perforate)
     ltime: dict[str, list[float]] = {}
+    lmask: dict[str, list[torch.Tensor]] = {}
     for n in layers:
         conv = mods[n]
         x = torch.randn(batch_size, conv.in_channels, *sizes[n], device=dev)
         if conv.weight.is_contiguous(memory_format=_CL) and not conv.weight.is_contiguous():
             x = x.contiguous(memory_format=_CL)
-        ts = []
+        ltime[n], lmask[n] = [], []
         with torch.no_grad():
             for lvl in lv:
-                p = PerforatedConv2d.from_conv(conv, sizes[n], rate=1 - lvl, mask=mask, seed=0,
-                                               pool=_next_pool(model, n))
-                p.eval()
-                p(x)
-                ts.append(_min_time(lambda p=p, x=x: p(x), repeats))
-        ltime[n] = ts
+                fastest: tuple[float, torch.Tensor] | None = None
+                for t in range(1 if lvl == 1.0 else mask_trials):
+                    p = PerforatedConv2d.from_conv(
+                        conv, sizes[n], rate=1 - lvl, mask=mask,
+                        seed=None if seed is None else seed + 1000 * order[n] + t,
+                        pool=_next_pool(model, n))
+                    block = fuse_for_inference(
+                        nn.Sequential(p, *copy.deepcopy(_following(model, n))), inplace=True)
+                    block.eval()(x)
+                    tm = _min_time(lambda b=block, x=x: b(x), repeats)
+                    if fastest is None or tm < fastest[0]:
+                        fastest = (tm, p.mask.cpu())
+                assert fastest is not None
+                ltime[n].append(fastest[0])
+                lmask[n].append(fastest[1])
     base_loss = _eval_loss(model, batches, loss_fn)
     xin = torch.randn(batch_size, c0, *_size("input_size", input_size), device=dev)
     dense_net = min(_time_pair(model, model, xin, repeats=repeats)[k]
@@ -1218,6 +1260,9 @@ def search_rates(
     def rates_of(st: Mapping[str, int]) -> dict[str, float]:
         return {n: 1.0 - lv[i] for n, i in st.items() if i > 0}
 
+    def masks_of(st: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        return {n: lmask[n][i] for n, i in st.items() if i > 0}
+
     def predicted(st: Mapping[str, int]) -> float:
         saved = sum(ltime[n][0] - ltime[n][i] for n, i in st.items())
         return dense_net / max(dense_net - saved, 1e-12)
@@ -1226,8 +1271,9 @@ def search_rates(
     for _ in range(max_steps):
         if predicted(state) >= target_speedup:
             # deployment form: ReLU and max-pooling read the kept values (fuse_for_inference)
-            net = fuse_for_inference(perforate(model, rates_of(state), input_size, mask=mask,
-                                               seed=seed), inplace=True) \
+            net = fuse_for_inference(perforate(model, rates_of(state), input_size,
+                                               mask=masks_of(state), seed=seed),
+                                     inplace=True) \
                 if rates_of(state) else model
             measured = _time_pair(model, net, xin, repeats=repeats)["speedup_best"]
             if measured >= target_speedup:
@@ -1243,7 +1289,7 @@ def search_rates(
             trial = dict(state)
             trial[n] = i + 1
             # loss only: the exact "dense" kernel needs no autotuning
-            net = perforate(model, rates_of(trial), input_size, mask=mask, seed=seed,
+            net = perforate(model, rates_of(trial), input_size, mask=masks_of(trial), seed=seed,
                             kernel="dense")
             loss = _eval_loss(net, batches, loss_fn)
             score = (loss - cur_loss) / dt
@@ -1255,7 +1301,8 @@ def search_rates(
         cur_loss = best[2]
         history.append({"layer": best[1], "rate": 1.0 - lv[state[best[1]]], "loss": cur_loss,
                         "predicted_speedup": predicted(state)})
-    return {"rates": rates_of(state), "predicted_speedup": predicted(state),
+    return {"rates": rates_of(state), "masks": masks_of(state),
+            "predicted_speedup": predicted(state),
             "measured_speedup": measured, "loss": cur_loss, "base_loss": base_loss,
             "history": history, "layer_times": ltime}
 
@@ -1309,6 +1356,11 @@ def fine_tune(
     return losses
 
 
+def _next_non_identity(seq: nn.Sequential, keys: Sequence[str], start: int) -> str | None:
+    """The first key from ``keys[start:]`` whose module is not an ``nn.Identity``."""
+    return next((k for k in keys[start:] if not isinstance(seq._modules[k], nn.Identity)), None)
+
+
 def fuse_for_inference(model: nn.Module, inplace: bool = False, fuse_pools: bool = True
                        ) -> nn.Module:
     """Fold eval-mode BatchNorm2d into the preceding conv, move a following ReLU into
@@ -1348,14 +1400,13 @@ def fuse_for_inference(model: nn.Module, inplace: bool = False, fuse_pools: bool
                     if isinstance(conv, PerforatedConv2d):
                         conv._caches = {False: {}, True: {}}
                 seq._modules[keys[i + 1]] = nn.Identity()
-                nxt = keys[i + 2] if i + 2 < len(keys) else None
-            else:
-                nxt = keys[i + 1]
+            # Identity layers (e.g. BN folded by an earlier call) do not separate conv and ReLU
+            nxt = _next_non_identity(seq, keys, i + 1)
             if isinstance(conv, PerforatedConv2d) and nxt is not None and conv.activation is None \
                     and isinstance(seq._modules[nxt], nn.ReLU):
                 conv.activation = nn.ReLU(inplace=False)
                 seq._modules[nxt] = nn.Identity()
-                nxt = keys[keys.index(nxt) + 1] if keys.index(nxt) + 1 < len(keys) else None
+                nxt = _next_non_identity(seq, keys, keys.index(nxt) + 1)
             if fuse_pools and isinstance(conv, PerforatedConv2d) and conv.fused_pool is None \
                     and conv.num_kept < conv.mask.numel() and nxt is not None \
                     and isinstance(seq._modules[nxt], nn.MaxPool2d):
