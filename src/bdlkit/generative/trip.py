@@ -41,15 +41,21 @@ def _log_trace_of_chain(mats: torch.Tensor) -> torch.Tensor:
     ``mats`` has shape ``(K, B, m, m)``; returns shape ``(B,)``. Neighbouring factors are
     multiplied pairwise (a tree: ``ceil(log2 K)`` batched matmuls, few Python-level ops) and
     every partial product is renormalised by its max entry, accumulating the log scales.
+    The pairs are taken with ``unflatten``/``unbind`` (and the odd factor with ``split``)
+    rather than strided slices: their backward is one stack/cat instead of zero-filling a
+    full-size gradient per slice, which made the backward ~25 % slower.
     """
     log_scale = torch.zeros(mats.shape[1], dtype=mats.dtype, device=mats.device)
     while mats.shape[0] > 1:
         k = mats.shape[0]
         half = k // 2
-        prod = torch.matmul(mats[0 : 2 * half : 2], mats[1 : 2 * half : 2])
-        prod, ls = _normalise(prod)
+        last: torch.Tensor | None = None
+        if k % 2:
+            mats, last = mats.split([2 * half, 1])
+        left, right = mats.unflatten(0, (half, 2)).unbind(1)
+        prod, ls = _normalise(torch.matmul(left, right))
         log_scale = log_scale + ls.sum(0)
-        mats = torch.cat([prod, mats[-1:]]) if k % 2 else prod
+        mats = prod if last is None else torch.cat([prod, last])
     trace = torch.diagonal(mats[0], dim1=-2, dim2=-1).sum(-1)
     return log_scale + trace.log()
 
