@@ -368,3 +368,39 @@ def test_recipe_lr_schedule_holds_then_decays_to_floor() -> None:
         lr_factor(0, 0, 0.5, 0.01)
     with pytest.raises(ValueError, match="hold"):
         lr_factor(0, 10, 1.5, 0.01)
+
+
+def test_recipe_nets_selection_and_merge() -> None:
+    from bdlkit.experiments.sbp import _check_nets, merge_results, run
+
+    assert _check_nets(None) == ["LeNet-500-300", "LeNet5-Caffe"]
+    assert _check_nets(["LeNet5-Caffe", "LeNet-500-300"]) == ["LeNet-500-300", "LeNet5-Caffe"]
+    with pytest.raises(ValueError, match="nets"):
+        run("/tmp/unused", nets=["LeNet7"])
+    with pytest.raises(ValueError, match="nets"):
+        _check_nets([])
+    with pytest.raises(TypeError, match="nets"):
+        _check_nets("LeNet5-Caffe")
+
+    def report(nets: list[str], tag: str, seed: int = 0) -> dict:
+        return {"tables": [{"title": "t", "rows": [[n, tag] for n in nets]}],
+                "headline": {n: {"error": tag} for n in nets},
+                "config": {"quick": False, "seed": seed, "nets": {n: tag for n in nets},
+                           "pruned_models": {n: tag for n in nets}},
+                "notes": ["general"] + [f"{n}: note {tag}" for n in nets]}
+
+    old = report(["LeNet-500-300", "LeNet5-Caffe"], "old")
+    new = report(["LeNet5-Caffe"], "new")
+    m = merge_results(old, new)
+    assert m["tables"][0]["rows"] == [["LeNet-500-300", "old"], ["LeNet5-Caffe", "new"]]
+    assert m["headline"] == {"LeNet-500-300": {"error": "old"}, "LeNet5-Caffe": {"error": "new"}}
+    assert list(m["config"]["nets"].items()) == [("LeNet-500-300", "old"), ("LeNet5-Caffe", "new")]
+    assert m["config"]["pruned_models"]["LeNet-500-300"] == "old"
+    assert m["merged_from_earlier_run"] == ["LeNet-500-300"]
+    assert any("LeNet-500-300: note old" in x for x in m["notes"])
+    assert not any("LeNet5-Caffe: note old" in x for x in m["notes"])
+    assert new["headline"] == {"LeNet5-Caffe": {"error": "new"}}  # inputs untouched
+    with pytest.raises(ValueError, match="seed"):
+        merge_results(old, report(["LeNet5-Caffe"], "new", seed=1))
+    with pytest.raises(TypeError, match="report"):
+        merge_results(old, {"tables": []})
