@@ -29,9 +29,9 @@ from ..train import fit, predict_proba, seed_everything
 
 # FULL: the whole Fashion-MNIST training set minus a 10k validation split, the full 10k test
 # set, the full 10k MNIST test set as OOD, 30 samples. Budget (a method decision, not tuned):
-# 12 epochs with SWA over the second half (swa_start 6), as the SWAG paper collects over 46 % of
-# its run (epochs 161-300) and the SWA paper's best budgets over 30-47 %; 7 collections per
-# epoch give 42 >= K = 20 iterates. lr_init / swa_lr / scale were chosen by
+# 12 epochs with SWA over the second half (swa_start 6), as the reference SWAG runs ("SWA 1.5
+# budgets": --epochs 300 --swa_start 161) collect over 46 % of the run; 7 collections per epoch
+# give 42 >= K = 20 iterates. lr_init / swa_lr / scale were chosen by
 # `select_on_validation` (rule in its docstring; see docs/results.md), never on test figures.
 FULL = {
     "n_train": 50000, "n_val": 10000, "n_test": 10000, "n_ood": 10000,
