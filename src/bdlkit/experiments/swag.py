@@ -118,12 +118,10 @@ def _train_sgd_branch(sgd: torch.nn.Module, opt: torch.optim.Optimizer, cfg: dic
 
 
 def _train_arms(cfg: dict[str, Any], train: TensorDataset, seed: int,
-                timings: dict[str, float], sgd_branch: bool = True,
-                ) -> tuple[torch.nn.Module | None, SWAG, int, int]:
-    """Shared pre-SWA phase, then the SGD branch (unless ``sgd_branch`` is False) and the SWA
-    phase (collecting into SWAG).
+                timings: dict[str, float]) -> tuple[torch.nn.Module, SWAG, int, int]:
+    """Shared pre-SWA phase, then the SGD branch and the SWA phase (collecting into SWAG).
 
-    Returns ``(sgd_model or None, swag, steps_per_epoch, collect_every)``; fills ``timings``.
+    Returns ``(sgd_model, swag, steps_per_epoch, collect_every)``; fills ``timings``.
     """
     train_loader = data.loader(train, cfg["batch_size"], shuffle=True, seed=seed)
     steps = len(train_loader)
@@ -142,10 +140,9 @@ def _train_arms(cfg: dict[str, Any], train: TensorDataset, seed: int,
     # ---- SGD branch: same model/optimizer state, lr decays on to 1 % of lr_init
     t = time.perf_counter()
     rest = cfg["epochs"] - cfg["swa_start"]
-    sgd = copy.deepcopy(model) if sgd_branch else None
-    if sgd is not None:
-        _train_sgd_branch(sgd, opt, cfg, train_loader, rest)
-        timings["SGD branch training"] = time.perf_counter() - t
+    sgd = copy.deepcopy(model)
+    _train_sgd_branch(sgd, opt, cfg, train_loader, rest)
+    timings["SGD branch training"] = time.perf_counter() - t
 
     # ---- SWA phase: constant swa_lr, collect several times per epoch
     t = time.perf_counter()
@@ -284,7 +281,6 @@ def select_on_validation(out_dir: Path, grid: list[tuple[float, float]] | None =
         cfg = dict(base, lr_init=lr_init, swa_lr=swa_lr)
         timings: dict[str, float] = {}
         sgd, swag, _, _ = _train_arms(cfg, sets["train"], seed, timings)
-        assert sgd is not None
         bn_loader = data.loader(sets["train"], cfg["bn_batch_size"], shuffle=True, seed=seed + 1)
         common = {"bn_loader": bn_loader, "bn_batches": cfg["bn_batches"], "seed": seed}
         sgd_p, labels = predict_proba(sgd, eval_loader)
