@@ -220,9 +220,18 @@ def _randomise(net: nn.Module, seed: int, frac_pruned: float = 0.4) -> None:
     (lambda: MLP(12, 3, hidden=(20, 10)), (12,)),
     (lambda: nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Sigmoid(),
                            nn.Linear(16, 4)), (12,)),
-    (lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.GELU(), nn.Conv2d(6, 5, 3, padding=1),
-                           nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(45, 7),
-                           nn.ELU(), nn.Linear(7, 2)), (2, 8, 8)),
+    # padded conv consumer: exact because conv1 has no bias (removed channels output GELU(0))
+    (lambda: nn.Sequential(nn.Conv2d(2, 6, 3, bias=False), nn.GELU(),
+                           nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                           nn.Flatten(), nn.Linear(45, 7), nn.ELU(), nn.Linear(7, 2)), (2, 8, 8)),
+    # unpadded conv consumer with biases: removed channels output GELU(b) != 0, folded
+    (lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.GELU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                           nn.AvgPool2d(2), nn.Flatten(), nn.Linear(45, 7), nn.ELU(),
+                           nn.Linear(7, 2)), (2, 10, 10)),
+    # conv + BatchNorm with a conv bias (noise after the BatchNorm), padded consumer
+    (lambda: nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(),
+                           nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                           nn.Flatten(), nn.Linear(4 * 36, 3)), (2, 6, 6)),
 ])
 def test_prune_equals_eval_output(make, shape) -> None:  # noqa: ANN001
     torch.manual_seed(0)
@@ -243,6 +252,9 @@ def test_prune_equals_eval_output(make, shape) -> None:  # noqa: ANN001
     n_big = sum(p.numel() for n, p in net.named_parameters()
                 if not n.endswith(("mu", "log_sigma")))
     assert n_small < n_big
+    # the removed units really carried a non-zero constant (the bias) wherever one exists
+    biased = [m for _, m in sbp.sbp_layers(net) if m.bias is not None]
+    assert all(bool((m.bias[~m.mask()] != 0).any()) for m in biased)
 
 
 def test_prune_lenet5_physical_sizes() -> None:
@@ -271,7 +283,11 @@ def test_prune_threshold_changes_units() -> None:
         with torch.no_grad():
             h = x
             for m in [m for m in net.modules() if not list(m.children())]:
-                h = h * m.multiplier(thr).float().view(1, -1) if isinstance(m, SBPNoise) else m(h)
+                if isinstance(m, SBPNoise):
+                    h = h * m.multiplier(thr).float().view(1, -1)
+                    h = h + (m.bias.view(1, -1) if m.bias is not None else 0.0)
+                else:
+                    h = m(h)
             assert torch.allclose(small(x), h, atol=1e-5)
     assert sizes[0] > sizes[1] > sizes[2]
 
@@ -404,3 +420,87 @@ def test_recipe_nets_selection_and_merge() -> None:
         merge_results(old, report(["LeNet5-Caffe"], "new", seed=1))
     with pytest.raises(TypeError, match="report"):
         merge_results(old, {"tables": []})
+
+
+def test_noise_acts_before_the_bias() -> None:
+    """θ ⊙ (W x) + b (METHODS.md §3): the bias moves into the SBP layer, noise-free."""
+    torch.manual_seed(0)
+    model = LeNet5()
+    net = sbp.add_noise(model)
+    assert model.features[0].bias is not None  # the original is not modified
+    conv1, noise1 = net.features[0], net.features[1]
+    assert isinstance(noise1, SBPNoise) and conv1.bias is None
+    assert torch.equal(noise1.bias, model.features[0].bias)
+    assert net.classifier[2].bias is None and net.classifier[3].bias is not None  # fc1
+    assert "features.0_sbp.bias" in net.state_dict() and "features.0.bias" not in net.state_dict()
+    assert sbp.sbp_layers(net)[2][1].bias is None  # input-feature noise of fc1: no bias
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        noise1.mu[:3] = -20.0  # units 0-2: θ ≈ e⁻²⁰ in training, removed (SNR < 1) in eval
+        noise1.log_sigma[:3] = torch.tensor([-20.0, 3.0, 3.0])
+        b = model.features[0].bias.view(1, -1, 1, 1)
+        wx = model.features[0](x) - b  # W x of the original layer
+        net.eval()
+        out = noise1(conv1(x))
+        expect = wx * noise1.multiplier().float().view(1, -1, 1, 1) + b
+        assert torch.allclose(out, expect, atol=1e-6)
+        assert torch.equal(out[:, 1:3], b[:, 1:3].expand(4, 2, 24, 24))  # removed unit = bias
+        net.train()
+        out = noise1(conv1(x))
+        assert torch.allclose(out[:, 0], b[:, 0].expand(4, 24, 24), atol=1e-6)  # θ ≈ 0
+        assert (out[:, 3:] - b[:, 3:]).abs().max() > 1e-2  # the others still see W x
+    # state_dict round trip into a fresh noisy network (what the recipe does)
+    fresh = sbp.add_noise(LeNet5())
+    fresh.load_state_dict(net.state_dict())
+    net.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
+
+
+def test_batchnorm_keeps_conv_bias_and_noise_after_bn() -> None:
+    net = sbp.add_noise(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Flatten(), nn.Linear(4 * 36, 2)))
+    assert net[0].bias is not None and isinstance(net[2], SBPNoise) and net[2].bias is None
+
+
+def test_prune_raises_for_nonzero_constant_into_padded_conv() -> None:
+    torch.manual_seed(0)
+    net = sbp.add_noise(nn.Sequential(nn.Conv2d(2, 6, 3), nn.Tanh(), nn.Conv2d(6, 4, 3, padding=1),
+                                      nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)))
+    first = sbp.sbp_layers(net)[0][1]
+    with torch.no_grad():
+        first.mu[:2] = -20.0
+        first.log_sigma[:2] = 3.0
+        first.bias.fill_(0.3)
+    with pytest.raises(ValueError, match="padded convolution"):
+        sbp.prune(net, example_input=torch.randn(2, 2, 8, 8))
+    with torch.no_grad():  # a zero constant (zero bias, tanh(0) = 0) is exact
+        first.bias.zero_()
+    net.eval()
+    x = torch.randn(5, 2, 8, 8)
+    small = sbp.prune(net, example_input=x)
+    with torch.no_grad():
+        assert torch.allclose(small(x), net(x), atol=1e-5)
+    assert small[0].out_channels == 4
+
+
+def test_sgvlb_gradients_finite_with_bias_after_noise() -> None:
+    torch.manual_seed(0)
+    net = sbp.add_noise(LeNet5())
+    _randomise(net, seed=4)
+    net.train()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    sbp.sgvlb(net(x), y, net, n_train=60000).backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["features.0_sbp.bias"].abs().sum() > 0
+    assert grads["classifier.1_sbp.bias"].abs().sum() > 0
+
+
+def test_prune_rejects_misplaced_biased_noise() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), SBPNoise(4, bias=True), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="bias-free"):
+        sbp.prune(net, example_input=torch.randn(2, 3))
+    with pytest.raises(TypeError, match="bias"):
+        SBPNoise(3, bias=1)  # type: ignore[arg-type]

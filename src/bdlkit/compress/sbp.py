@@ -10,9 +10,15 @@ All closed forms (KL, E[θ], Var[θ], SNR) and the inverse-CDF sampler are evalu
 with ``erfcx`` / log-space formulas, so they are finite (values *and* gradients) over the whole
 clip range ``μ, log σ ∈ [-20, 5]``, including ``σ = e⁻²⁰`` and ``μ`` at either bound.
 
-Noise placement: θ multiplies the layer's whole output (after the bias, before the
-non-linearity), as in the authors' code, so a removed unit outputs exactly zero. For layers
-followed by BatchNorm the noise goes after the BatchNorm, for the same reason.
+Noise placement (METHODS.md §3, the authors' ``lenet5-sbp.py``, which builds its convolutions
+without bias, applies the noise and then adds the bias): θ multiplies ``W x`` *before* the bias,
+``θ ⊙ (W x) + b``. :func:`add_noise` therefore moves the bias of a noisy conv/linear layer into
+its :class:`SBPNoise` module (``SBPNoise.bias``; the layer itself becomes bias-free), so a
+removed unit outputs the constant ``b``; :func:`prune` folds that constant into the next layer's
+bias. A layer directly followed by BatchNorm keeps its bias and gets the noise after the
+BatchNorm: there the BatchNorm's shift ``β`` plays the bias's role (BatchNorm subtracts the
+running mean, which would cancel a bias before it), and a removed channel outputs exactly 0.
+The input-feature noise of the first dense layer has no bias.
 
 Pruning supports *Sequential-style* graphs: models whose forward pass applies their leaf modules
 one after the other in registration order (``nn.Sequential`` and nestings of it, the zoo's
@@ -244,7 +250,9 @@ class SBPNoise(nn.Module):
 
     Parameters ``mu`` and ``log_sigma`` (init 0 and −5) define ``q(log θ)``: N(μ, σ²)
     truncated to [-20, 0]. Training mode multiplies by a fresh inverse-CDF sample per example
-    and channel; eval mode multiplies by ``E[θ]·1[SNR > threshold]``. ``kl()`` returns the
+    and channel; eval mode multiplies by ``E[θ]·1[SNR > threshold]``. With ``bias=True`` the
+    module owns a per-channel bias added *after* the noise, ``θ ⊙ x + b`` (this is how
+    :func:`add_noise` puts the noise before a layer's bias). ``kl()`` returns the
     per-unit KL to the log-uniform prior. Both parameters are used clipped to [-20, 5]; call
     :meth:`clip_` (or :func:`clip_`) after optimiser steps to keep the stored values there too.
 
@@ -257,7 +265,7 @@ class SBPNoise(nn.Module):
     """
 
     def __init__(self, num_units: int, threshold: float = 1.0, init_mu: float = 0.0,
-                 init_log_sigma: float = -5.0) -> None:
+                 init_log_sigma: float = -5.0, bias: bool = False) -> None:
         super().__init__()
         if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
             raise ValueError(f"num_units must be a positive int, got {num_units!r}")
@@ -269,9 +277,18 @@ class SBPNoise(nn.Module):
         self.threshold = float(threshold)
         self.mu = nn.Parameter(torch.full((num_units,), float(init_mu)))
         self.log_sigma = nn.Parameter(torch.full((num_units,), float(init_log_sigma)))
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
+        self.bias: nn.Parameter | None = (nn.Parameter(torch.zeros(num_units)) if bias
+                                          else None)
 
     def extra_repr(self) -> str:
-        return f"{self.num_units}, threshold={self.threshold}"
+        return f"{self.num_units}, threshold={self.threshold}, bias={self.bias is not None}"
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return y
+        return y + self.bias.to(y.dtype).view((1, -1) + (1,) * (y.dim() - 2))
 
     def _clipped(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mu.double().clamp(*CLIP), self.log_sigma.double().clamp(*CLIP)
@@ -328,8 +345,8 @@ class SBPNoise(nn.Module):
         view = (-1, self.num_units) + (1,) * (x.dim() - 2)
         if self.training:
             theta = self.sample((x.shape[0],)).to(x.dtype)
-            return x * theta.view(x.shape[0], *view[1:])
-        return x * self.multiplier().to(x.dtype).view(view)
+            return self._add_bias(x * theta.view(x.shape[0], *view[1:]))
+        return self._add_bias(x * self.multiplier().to(x.dtype).view(view))
 
 
 def _check_threshold(name: str, value: Any) -> float:
@@ -424,11 +441,14 @@ def add_noise(model: nn.Module, *, input_noise: bool = True, skip_output: bool =
               inplace: bool = False) -> nn.Module:
     """Insert :class:`SBPNoise` layers into ``model``.
 
-    Noise goes after every ``nn.Linear`` / ``nn.Conv{1,2,3}d`` (after a directly following
-    BatchNorm if there is one), except the last linear layer when ``skip_output`` (the class
-    scores), and — with ``input_noise`` — on the input features of the first linear layer
-    (e.g. the 784 pixels of LeNet-500-300, the 800 flattened features of LeNet5). Layers inside
-    an ``nn.Sequential`` get the noise inserted next to them; other layers are wrapped in an
+    Noise goes on the output units of every ``nn.Linear`` / ``nn.Conv{1,2,3}d`` except the
+    last linear layer when ``skip_output`` (the class scores), and — with ``input_noise`` — on
+    the input features of the first linear layer (e.g. the 784 pixels of LeNet-500-300, the 800
+    flattened features of LeNet5). The output noise acts before the bias, ``θ ⊙ (W x) + b``:
+    the layer's bias is moved into the inserted :class:`SBPNoise` (``<layer>_sbp.bias``; the
+    layer becomes bias-free). A layer directly followed by BatchNorm keeps its bias and gets
+    the noise after the BatchNorm, whose shift plays the bias's role. Layers inside an
+    ``nn.Sequential`` get the noise inserted next to them; other layers are wrapped in an
     ``nn.Sequential``. Returns a modified deep copy unless ``inplace``.
 
     Example:
@@ -459,6 +479,17 @@ def add_noise(model: nn.Module, *, input_noise: bool = True, skip_output: bool =
     def make(units: int) -> SBPNoise:
         return SBPNoise(units, threshold=threshold, init_log_sigma=init_log_sigma)
 
+    def make_out(layer: nn.Module, units: int) -> SBPNoise:
+        """Output noise directly after ``layer``: takes over the layer's bias (noise first)."""
+        bias = layer.bias
+        noise = SBPNoise(units, threshold=threshold, init_log_sigma=init_log_sigma,
+                         bias=bias is not None)
+        if bias is not None:
+            assert noise.bias is not None
+            noise.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+            layer.bias = None
+        return noise
+
     plan: dict[str, tuple[int | None, int | None]] = {}
     for n, m in producers:
         out_units = (m.out_features if isinstance(m, nn.Linear) else m.out_channels)
@@ -479,8 +510,10 @@ def add_noise(model: nn.Module, *, input_noise: bool = True, skip_output: bool =
             idx = [i for i, (_, c) in enumerate(new) if c is layer][0]
             if out_units is not None:
                 nxt = new[idx + 1][1] if idx + 1 < len(new) else None
-                pos = idx + 2 if isinstance(nxt, nn.modules.batchnorm._BatchNorm) else idx + 1
-                new.insert(pos, (f"{new[pos - 1][0]}_sbp", make(out_units)))
+                if isinstance(nxt, nn.modules.batchnorm._BatchNorm):
+                    new.insert(idx + 2, (f"{new[idx + 1][0]}_sbp", make(out_units)))
+                else:
+                    new.insert(idx + 1, (f"{new[idx][0]}_sbp", make_out(layer, out_units)))
             parent._modules.clear()
             for key, child in new:
                 parent._modules[key] = child
@@ -490,7 +523,7 @@ def add_noise(model: nn.Module, *, input_noise: bool = True, skip_output: bool =
                 seq.append(make(in_units))
             seq.append(layer)
             if out_units is not None:
-                seq.append(make(out_units))
+                seq.append(make_out(layer, out_units))
             if parent is None:  # the model itself is a bare layer
                 return nn.Sequential(*seq)
             setattr(parent, attr, nn.Sequential(*seq))
@@ -571,9 +604,16 @@ def prune(model: nn.Module, snr_threshold: float | None = 1.0, *,
 
     Every SBP layer's ``E[θ]`` is absorbed into the next linear/conv layer's input weights
     (or, where an activation that is not positively homogeneous sits in between, into the
-    previous layer's output rows / BatchNorm affine, or as a last resort a ``ChannelScale``),
-    removed channels/units are dropped from both neighbouring layers, and removed inputs of the
-    first layer are dropped with an :class:`IndexSelect`. The result is a plain
+    previous layer's output rows / BatchNorm affine, or as a last resort a ``ChannelScale``);
+    an SBP layer with a bias (noise before the bias, see :func:`add_noise`) is absorbed into
+    its layer's output rows and gives that layer back its bias. Removed channels/units are
+    dropped from both neighbouring layers and removed inputs of the first layer with an
+    :class:`IndexSelect`. A removed unit outputs a constant (its bias, passed through the
+    following element-wise ops and poolings; 0 without a bias); that constant is folded into
+    the next layer's bias. This is exact for linear consumers and unpadded convolutions; a
+    non-zero constant feeding a *padded* convolution would be wrong at the borders and raises
+    ``ValueError`` (zero constants, e.g. bias-free layers or BatchNorm nets, are fine). The
+    result is a plain
     ``nn.Sequential`` in eval mode whose output equals ``model.eval()``'s output (with SBP
     thresholds equal to ``snr_threshold``) to float rounding; this is checked on
     ``example_input``. ``snr_threshold=None`` uses each layer's own ``threshold``.
@@ -612,6 +652,12 @@ def prune(model: nn.Module, snr_threshold: float | None = 1.0, *,
             raise ValueError(f"layer {name!r}: only nn.Flatten(start_dim=1, end_dim=-1)")
         if isinstance(m, _BN) and not m.track_running_stats:
             raise ValueError(f"layer {name!r}: BatchNorm without running statistics")
+    for k, (name, m) in enumerate(chain):
+        if isinstance(m, SBPNoise) and m.bias is not None and (
+                k == 0 or not isinstance(chain[k - 1][1], _PRODUCERS)
+                or chain[k - 1][1].bias is not None):
+            raise ValueError(f"SBP layer {name!r} has a bias but does not directly follow a "
+                             "bias-free linear/conv layer (as add_noise places it)")
 
     was_training = [m.training for m in model.modules()]
     try:
@@ -633,7 +679,7 @@ def prune(model: nn.Module, snr_threshold: float | None = 1.0, *,
                 shapes.append(tuple(h.shape))
                 if isinstance(m, SBPNoise):
                     mults[i] = m.multiplier(thr).cpu()
-                    h = h * mults[i].to(h).view((1, -1) + (1,) * (h.dim() - 2))
+                    h = m._add_bias(h * mults[i].to(h).view((1, -1) + (1,) * (h.dim() - 2)))
                 else:
                     h = m(h)
             reference = h
@@ -677,6 +723,21 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
             raise ValueError("model has no linear/conv layers")
         if end is not None and isinstance(chain[end][1], nn.Linear) and len(shapes[end]) != 2:
             raise ValueError(f"layer {chain[end][0]!r}: linear layers must receive (N, F) input")
+        # an SBP layer with a bias directly after `start`: θ ⊙ (W x) + b. Its multiplier goes
+        # into W's rows, its bias becomes the layer's bias; removed units output b.
+        pre_bias: int | None = None
+        if start is not None and ops and isinstance(chain[ops[0]][1], SBPNoise) \
+                and chain[ops[0]][1].bias is not None:
+            pre_bias = ops[0]
+            noise_b = chain[pre_bias][1].bias.detach().double().cpu()
+            if noise_b.numel() != W[start].shape[0]:
+                raise ValueError(f"SBP layer {chain[pre_bias][0]!r} does not match its input "
+                                 "width")
+            # B[start] so far holds constants folded in from removed inputs: they are part of
+            # W x, so the noise scales them too
+            mult = mults[pre_bias]
+            W[start] = W[start] * mult.view((-1,) + (1,) * (W[start].dim() - 1))
+            B[start] = B[start] * mult + noise_b
         if start is not None:
             c0 = W[start].shape[0]
         else:
@@ -689,7 +750,7 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
         for i in reversed(ops):
             m = chain[i][1]
             if isinstance(m, SBPNoise):
-                fwd_ok[i] = tail_ok
+                fwd_ok[i] = tail_ok and i != pre_bias
             elif not isinstance(m, _HOMOGENEOUS + (nn.Flatten,)):
                 tail_ok = False
         back_scale: dict[int, torch.Tensor] = {}
@@ -699,6 +760,8 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
             m = chain[i][1]
             if isinstance(m, _BN):
                 target = i
+            elif i == pre_bias:
+                continue  # already in `start`'s rows and bias
             elif isinstance(m, SBPNoise) and not fwd_ok[i]:
                 if target is None:
                     fallback.add(i)
@@ -723,6 +786,8 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
                         f"every unit of SBP layer {name!r} is pruned at this threshold: the "
                         "network output would not depend on the input; lower snr_threshold")
                 const = const * mult
+                if m.bias is not None:
+                    const = const + m.bias.detach().double().cpu()
                 alive = alive & (mult > 0)
                 if fwd_ok[i]:
                     fscale = fscale * mult
@@ -788,8 +853,12 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
                 else:
                     pad = chain[end][1].padding
                     if isinstance(pad, str) or any(p != 0 for p in pad):
-                        raise ValueError(f"layer {chain[end][0]!r}: removed inputs with a "
-                                         "non-zero constant value feed a padded convolution")
+                        raise ValueError(
+                            f"layer {chain[end][0]!r}: removed input channels output a non-zero "
+                            "constant (their bias; SBP noise acts before the bias) and feed a "
+                            "padded convolution, where folding the constant into its bias is "
+                            "not exact at the borders; cannot prune this model exactly (use "
+                            "bias-free layers or BatchNorm before this convolution)")
                     B[end] = B[end] + w.sum(dim=tuple(range(2, w.dim()))) @ cd
             cols = alive_end.nonzero().view(-1)
             W[end] = w[:, cols] * fscale[cols].view((1, -1) + (1,) * (w.dim() - 2))
