@@ -102,11 +102,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg: dict[str, Any] = dict(recipe.FULL[NET])
+    optional = {"sbp_lr_linear": float}  # keys the recipe accepts but FULL may not set
     for kv in args.set:
         key, _, val = kv.partition("=")
-        if key not in cfg:
-            raise SystemExit(f"unknown config key {key!r}; known: {sorted(cfg)}")
-        cfg[key] = int(float(val)) if isinstance(cfg[key], int) else float(val)
+        if key not in cfg and key not in optional:
+            known = sorted(set(cfg) | set(optional))
+            raise SystemExit(f"unknown config key {key!r}; known: {known}")
+        kind = optional.get(key) or type(cfg[key])
+        cfg[key] = int(float(val)) if kind is int else float(val)
     train, val = split()
     model = pretrained(cfg, args.seed, train, args.cache)
     val_loader = data.loader(val, 1000)
@@ -114,11 +117,7 @@ def main() -> None:
     print(f"cfg {cfg} beta1 {args.beta1}; pretrained val error {pre_err:.2f} %", flush=True)
     seed_everything(args.seed + 1)
     noisy = sbp.add_noise(model)
-    sbp_params = [p for n, p in noisy.named_parameters() if n.endswith(("mu", "log_sigma"))]
-    ids = {id(p) for p in sbp_params}
-    weights = [p for p in noisy.parameters() if id(p) not in ids]
-    opt = torch.optim.Adam([{"params": weights, "lr": cfg["lr"]},
-                            {"params": sbp_params, "lr": cfg["sbp_lr"]}],
+    opt = torch.optim.Adam(recipe.param_groups(noisy, cfg, val.tensors[0][:1]),
                            betas=(args.beta1, 0.999))
     loader = data.loader(train, recipe.BATCH, shuffle=True, seed=args.seed + 1)
     total = cfg["sbp_epochs"] * len(loader)

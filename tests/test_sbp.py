@@ -504,3 +504,26 @@ def test_prune_rejects_misplaced_biased_noise() -> None:
         sbp.prune(net, example_input=torch.randn(2, 3))
     with pytest.raises(TypeError, match="bias"):
         SBPNoise(3, bias=1)  # type: ignore[arg-type]
+
+
+def test_recipe_param_groups_split_dense_and_conv_noise() -> None:
+    from bdlkit.experiments.sbp import param_groups
+
+    net = sbp.add_noise(LeNet5())
+    x = torch.zeros(2, 1, 28, 28)
+    base = param_groups(net, {"lr": 1e-2, "sbp_lr": 0.3}, x)
+    assert [g["lr"] for g in base] == [1e-2, 0.3]
+    assert len(base[1]["params"]) == 8  # 4 SBP layers x (mu, log_sigma)
+    split = param_groups(net, {"lr": 1e-2, "sbp_lr": 0.3, "sbp_lr_linear": 0.1}, x)
+    assert [g["lr"] for g in split] == [1e-2, 0.3, 0.1]
+    layers = dict(sbp.sbp_layers(net))
+    ids = [{id(p) for p in g["params"]} for g in split]
+    assert ids[1] == {id(layers[n].mu) for n in ("features.0_sbp", "features.2_sbp")} | {
+        id(layers[n].log_sigma) for n in ("features.0_sbp", "features.2_sbp")}
+    assert id(layers["classifier.1_sbp_in"].mu) in ids[2]
+    assert id(layers["classifier.1_sbp"].log_sigma) in ids[2]
+    assert id(layers["features.0_sbp"].bias) in ids[0]  # the moved bias is a weight
+    assert sum(len(i) for i in ids) == len(list(net.parameters()))
+    assert net.training  # the probe pass restores the mode
+    with pytest.raises(ValueError, match="sbp_lr_linear"):
+        param_groups(net, {"lr": 1e-2, "sbp_lr": 0.3, "sbp_lr_linear": -1.0}, x)

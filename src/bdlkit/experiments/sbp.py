@@ -122,6 +122,52 @@ def lr_factor(step: int, total: int, hold: float, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def param_groups(noisy: torch.nn.Module, cfg: dict[str, Any],
+                 example: torch.Tensor) -> list[dict[str, Any]]:
+    """Adam parameter groups: weights at ``cfg["lr"]``, μ / log σ at ``cfg["sbp_lr"]``.
+
+    With the optional key ``sbp_lr_linear``, the μ / log σ of SBP layers on *dense* features
+    (input of shape ``(N, F)``: the units of linear layers and the flattened input features of
+    the first dense layer) use that rate instead; those on conv channels keep ``sbp_lr``. Which
+    layers are dense is found by one forward pass of ``example`` (no gradient).
+
+    Example:
+        >>> net = sbp.add_noise(LeNet5())
+        >>> groups = param_groups(net, {"lr": 1e-2, "sbp_lr": 0.3, "sbp_lr_linear": 0.1},
+        ...                       torch.zeros(1, 1, 28, 28))
+        >>> [(len(g["params"]), g["lr"]) for g in groups]
+        [(8, 0.01), (4, 0.3), (4, 0.1)]
+    """
+    layers = sbp.sbp_layers(noisy)
+    lin_lr = cfg.get("sbp_lr_linear")
+    if lin_lr is not None and (isinstance(lin_lr, bool) or not isinstance(lin_lr, int | float)
+                               or not lin_lr > 0):
+        raise ValueError(f"sbp_lr_linear must be a positive number, got {lin_lr!r}")
+    dense: set[int] = set()
+    if lin_lr is not None:
+        hooks = [m.register_forward_hook(
+            lambda mod, inp, out: dense.add(id(mod)) if inp[0].dim() == 2 else None)
+            for _, m in layers]
+        was_training = noisy.training
+        try:
+            noisy.eval()
+            with torch.no_grad():
+                noisy(example)
+        finally:
+            noisy.train(was_training)
+            for h in hooks:
+                h.remove()
+    main_p = [p for _, m in layers if id(m) not in dense for p in (m.mu, m.log_sigma)]
+    dense_p = [p for _, m in layers if id(m) in dense for p in (m.mu, m.log_sigma)]
+    ids = {id(p) for p in main_p + dense_p}
+    groups = [{"params": [p for p in noisy.parameters() if id(p) not in ids], "lr": cfg["lr"]}]
+    if main_p:
+        groups.append({"params": main_p, "lr": cfg["sbp_lr"]})
+    if dense_p:
+        groups.append({"params": dense_p, "lr": lin_lr})
+    return groups
+
+
 def _train(name: str, cfg: dict[str, Any], seed: int, train: Any, eval_set: Any,
            threads: int | None = None) -> dict[str, Any]:
     """Pretrain + SBP fine-tune one network on ``train``; per-epoch error on ``eval_set``."""
@@ -144,16 +190,12 @@ def _train(name: str, cfg: dict[str, Any], seed: int, train: Any, eval_set: Any,
 
     noisy = sbp.add_noise(model)
     n_train = len(train)
-    sbp_params = [p for n, p in noisy.named_parameters() if n.endswith(("mu", "log_sigma"))]
-    ids = {id(p) for p in sbp_params}
-    weights = [p for p in noisy.parameters() if id(p) not in ids]
-    opt = torch.optim.Adam([{"params": weights, "lr": cfg["lr"]},
-                            {"params": sbp_params, "lr": cfg["sbp_lr"]}])
+    example = eval_set.tensors[0][:256]
+    opt = torch.optim.Adam(param_groups(noisy, cfg, example[:1]))
     train_loader = data.loader(train, BATCH, shuffle=True, seed=seed + 1)
     total = cfg["sbp_epochs"] * len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, total, cfg.get("hold", 1.0), cfg.get("floor", 1.0)))
-    example = eval_set.tensors[0][:256]
     track = _Track(eval_loader, count_flops(model, example[:1]), example, name)
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -298,7 +340,9 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0,
         "Units: LeNet-500-300 = input pixels kept - hidden1 - hidden2 - 10; LeNet5 = conv1 "
         "channels - conv2 channels - fc1 inputs (of 800) - fc1 outputs (of 500).",
         "Deviation from the paper: mu/log_sigma use Adam lr "
-        + ", ".join(f"{n} {c['sbp_lr']} (weights {c['lr']})" for n, c in cfgs.items())
+        + ", ".join(f"{n} {c['sbp_lr']}" + (f" (dense layers {c['sbp_lr_linear']})"
+                                             if "sbp_lr_linear" in c else "")
+                    + f" (weights {c['lr']})" for n, c in cfgs.items())
         + " so that pruning converges in the time budget; the paper fine-tunes longer at lr "
         "1e-3. All learning rates are held for the first `hold` fraction of the SBP steps, "
         "then decay with a cosine to `floor` times their value (config below).",
