@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from bdlkit import data
-from bdlkit.experiments.trip import PRIORS, VAE_FULL, _make_prior, prior_lr_for
+from bdlkit.experiments.trip import (
+    PRIORS,
+    VAE_FULL,
+    _make_prior,
+    prior_init_epoch_for,
+    prior_lr_for,
+)
 from bdlkit.generative.vae import VAE, evaluate_vae, fit_vae
 from bdlkit.train import seed_everything
 
@@ -62,8 +68,8 @@ def main() -> None:
     start = time.perf_counter()
     hist = fit_vae(vae, train_x, cfg["epochs"], lr=cfg["lr"],
                    prior_lr=prior_lr_for(args.prior, cfg),
-                   batch_size=cfg["batch_size"], prior_init_epoch=cfg["prior_init_epoch"],
-                   seed=args.seed,
+                   batch_size=cfg["batch_size"],
+                   prior_init_epoch=prior_init_epoch_for(args.prior, cfg), seed=args.seed,
                    log=lambda m: print(f"[{args.prior} {args.set}] {m}", flush=True))
     train_s = time.perf_counter() - start
     start = time.perf_counter()

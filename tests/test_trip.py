@@ -94,6 +94,27 @@ def test_log_prob_gradient_matches_brute_force():
         torch.testing.assert_close(g, b, atol=1e-8, rtol=1e-6)
 
 
+
+def test_row_blocks_give_the_same_values_and_gradients():
+    """log_prob splits large batches into row blocks; results must not depend on it."""
+    prior = _random_trip(4, 2, 3)
+    z = torch.randn(23, 4, dtype=torch.float64)
+    z[3, 1] = float("nan")
+    expected = _brute_log_prob(prior, z)
+    whole = prior.log_prob(z)
+    whole.sum().backward()
+    g_whole = [p.grad.clone() for p in prior.parameters()]
+    prior.zero_grad()
+    prior._chunk_rows = lambda: 5  # type: ignore[method-assign]  # 5 blocks, the last of 3 rows
+    blocked = prior.log_prob(z)
+    blocked.sum().backward()
+    torch.testing.assert_close(blocked, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(blocked.detach(), expected, atol=1e-8, rtol=0)
+    for p, g in zip(prior.parameters(), g_whole, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-12, rtol=1e-10)
+    assert TRIP(100, 10, 20)._chunk_rows() == 64
+
+
 def test_integrates_to_one_on_2d_grid():
     prior = _random_trip(2, 3, 2, seed=3)
     lo = (prior.means - 8 * prior.stds).min().item()

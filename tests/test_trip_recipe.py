@@ -24,3 +24,24 @@ def test_cache_key_of_baselines_ignores_trip_settings() -> None:
     shared = {**base, "prior_lr": base["prior_lr"] * 2}
     for prior in recipe.PRIORS:
         assert recipe._relevant(base, prior) != recipe._relevant(shared, prior)
+
+
+def test_prior_init_epoch_for_uses_trip_specific_epoch_only_for_trip() -> None:
+    cfg = {**recipe.VAE_FULL, "prior_init_epoch": 2, "trip_prior_init_epoch": 3}
+    assert recipe.prior_init_epoch_for("trip", cfg) == 3
+    assert recipe.prior_init_epoch_for("gmm", cfg) == 2
+    cfg["trip_prior_init_epoch"] = None
+    assert recipe.prior_init_epoch_for("trip", cfg) == 2
+    cfg["prior_init_epoch"] = None
+    assert recipe.prior_init_epoch_for("gmm", cfg) is None
+    # the TRIP-only key does not invalidate the baselines' cached runs
+    changed = {**recipe.VAE_FULL, "trip_prior_init_epoch": 9}
+    assert recipe._relevant(recipe.VAE_FULL, "gmm") == recipe._relevant(changed, "gmm")
+    assert recipe._relevant(recipe.VAE_FULL, "trip") != recipe._relevant(changed, "trip")
+
+
+def test_every_config_refits_the_learnable_priors_within_its_epochs() -> None:
+    for cfg in (recipe.VAE_FULL, recipe.VAE_QUICK):
+        for prior in ("gmm", "trip"):
+            epoch = recipe.prior_init_epoch_for(prior, cfg)
+            assert epoch is not None and 0 <= epoch < cfg["epochs"]

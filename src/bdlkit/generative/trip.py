@@ -213,17 +213,36 @@ class TRIP(nn.Module):
         diff = (z[:, :, None] - self.means) / self.stds
         return -0.5 * (diff * diff + _LOG_2PI) - self.log_stds
 
+    def _chunk_rows(self) -> int:
+        """Rows per block of :meth:`_log_weighted_chain`: about ``2**21`` chain entries.
+
+        The chain's working set is ``D * rows * m * m`` floats; keeping it near cache size
+        is 2-3x faster per point than one huge block (e.g. the 8192-row blocks of an
+        importance-weighted evaluation), and bounds memory. Results do not depend on it:
+        every row is computed independently.
+        """
+        return max(64, (1 << 21) // (self.dim * self.rank * self.rank))
+
     def _log_weighted_chain(self, log_w: torch.Tensor) -> torch.Tensor:
         """``log Tr(prod_k sum_j exp(log_w[:, k, j]) Q_k[j])`` for a batch of weights (B, D, d)."""
         q, q_log_scale = self._scaled_cores()  # (D, d, m, m), max entry 1 per dimension
         log_qmax = q.detach().amax(dim=(-2, -1)).log()  # (D, d)
-        # shift so that max_j w_kj * max(Q_k[j]) = 1: every factor's max entry is in [1, d]
-        shift = (log_w.detach() + log_qmax).amax(-1)  # (B, D)
-        w = (log_w - shift[..., None]).exp()
         D, m = self.dim, self.rank
-        mats = torch.bmm(w.transpose(0, 1), q.reshape(D, self.n_components, m * m))
-        mats = mats.reshape(D, -1, m, m)  # (D, B, m, m)
-        return _log_trace_of_chain(mats) + shift.sum(-1) + q_log_scale.sum()
+        q_flat = q.reshape(D, self.n_components, m * m)
+
+        def block(lw: torch.Tensor) -> torch.Tensor:
+            # shift so that max_j w_kj * max(Q_k[j]) = 1: every factor's max entry is in [1, d]
+            shift = (lw.detach() + log_qmax).amax(-1)  # (b, D)
+            w = (lw - shift[..., None]).exp()
+            mats = torch.bmm(w.transpose(0, 1), q_flat).reshape(D, -1, m, m)  # (D, b, m, m)
+            return _log_trace_of_chain(mats) + shift.sum(-1)
+
+        rows = self._chunk_rows()
+        if log_w.shape[0] <= rows:
+            out = block(log_w)
+        else:
+            out = torch.cat([block(lw) for lw in log_w.split(rows)])
+        return out + q_log_scale.sum()
 
     def log_normaliser(self) -> torch.Tensor:
         """``log Tr(prod_k sum_j Q_k[j])`` (a scalar tensor)."""
