@@ -16,8 +16,9 @@ without bias, applies the noise and then adds the bias): θ multiplies ``W x`` *
 its :class:`SBPNoise` module (``SBPNoise.bias``; the layer itself becomes bias-free), so a
 removed unit outputs the constant ``b``; :func:`prune` folds that constant into the next layer's
 bias. A layer directly followed by BatchNorm keeps its bias and gets the noise after the
-BatchNorm: there the BatchNorm's shift ``β`` plays the bias's role (BatchNorm subtracts the
-running mean, which would cancel a bias before it), and a removed channel outputs exactly 0.
+BatchNorm: there the BatchNorm's shift ``β`` plays the bias's role (in training BatchNorm
+subtracts the batch mean, so a bias before it has no effect), and a removed channel outputs
+exactly 0.
 The input-feature noise of the first dense layer has no bias.
 
 Pruning supports *Sequential-style* graphs: models whose forward pass applies their leaf modules
