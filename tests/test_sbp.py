@@ -485,6 +485,29 @@ def test_prune_raises_for_nonzero_constant_into_padded_conv() -> None:
     assert small[0].out_channels == 4
 
 
+def test_noise_after_bias_option_prunes_padded_consumer_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.Tanh(), nn.Conv2d(6, 4, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    net = sbp.add_noise(model, before_bias=False)
+    assert net[0].bias is not None and sbp.sbp_layers(net)[0][1].bias is None
+    first = sbp.sbp_layers(net)[0][1]
+    with torch.no_grad():
+        net[0].bias.fill_(0.3)  # the case that raises with the noise before the bias
+        first.mu[:2] = -20.0
+        first.log_sigma[:2] = 3.0
+    net.eval()
+    x = torch.randn(5, 2, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(net[1](net[0](x))[:, :2], torch.zeros(5, 2, 6, 6))  # θ ⊙ (Wx + b)
+    small = sbp.prune(net, example_input=x)
+    with torch.no_grad():
+        assert torch.allclose(small(x), net(x), atol=1e-5)
+    assert small[0].out_channels == 4
+    with pytest.raises(TypeError, match="before_bias"):
+        sbp.add_noise(model, before_bias=1)
+
+
 def test_sgvlb_gradients_finite_with_bias_after_noise() -> None:
     torch.manual_seed(0)
     net = sbp.add_noise(LeNet5())

@@ -439,7 +439,7 @@ def kept_units(model: nn.Module, threshold: float | None = None) -> list[tuple[s
 
 def add_noise(model: nn.Module, *, input_noise: bool = True, skip_output: bool = True,
               threshold: float = 1.0, init_log_sigma: float = -5.0,
-              inplace: bool = False) -> nn.Module:
+              before_bias: bool = True, inplace: bool = False) -> nn.Module:
     """Insert :class:`SBPNoise` layers into ``model``.
 
     Noise goes on the output units of every ``nn.Linear`` / ``nn.Conv{1,2,3}d`` except the
@@ -448,7 +448,11 @@ def add_noise(model: nn.Module, *, input_noise: bool = True, skip_output: bool =
     flattened features of LeNet5). The output noise acts before the bias, ``θ ⊙ (W x) + b``:
     the layer's bias is moved into the inserted :class:`SBPNoise` (``<layer>_sbp.bias``; the
     layer becomes bias-free). A layer directly followed by BatchNorm keeps its bias and gets
-    the noise after the BatchNorm, whose shift plays the bias's role. Layers inside an
+    the noise after the BatchNorm, whose shift plays the bias's role. ``before_bias=False``
+    multiplies the whole output instead, ``θ ⊙ (W x + b)`` (not the paper's placement): a
+    removed unit then outputs exactly 0, which :func:`prune` needs for models in which a
+    biased layer feeds a *padded* convolution without a BatchNorm in between (there a removed
+    unit's constant bias cannot be folded exactly). Layers inside an
     ``nn.Sequential`` get the noise inserted next to them; other layers are wrapped in an
     ``nn.Sequential``. Returns a modified deep copy unless ``inplace``.
 
@@ -461,6 +465,8 @@ def add_noise(model: nn.Module, *, input_noise: bool = True, skip_output: bool =
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_threshold("threshold", threshold)
+    if not isinstance(before_bias, bool):
+        raise TypeError(f"before_bias must be a bool, got {before_bias!r}")
     if sbp_layers(model):
         raise ValueError("model already contains SBPNoise layers")
     producers = [(n, m) for n, m in model.named_modules() if isinstance(m, _PRODUCERS)]
@@ -482,7 +488,7 @@ def add_noise(model: nn.Module, *, input_noise: bool = True, skip_output: bool =
 
     def make_out(layer: nn.Module, units: int) -> SBPNoise:
         """Output noise directly after ``layer``: takes over the layer's bias (noise first)."""
-        bias = layer.bias
+        bias = layer.bias if before_bias else None
         noise = SBPNoise(units, threshold=threshold, init_log_sigma=init_log_sigma,
                          bias=bias is not None)
         if bias is not None:
@@ -859,7 +865,8 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
                             "constant (their bias; SBP noise acts before the bias) and feed a "
                             "padded convolution, where folding the constant into its bias is "
                             "not exact at the borders; cannot prune this model exactly (use "
-                            "bias-free layers or BatchNorm before this convolution)")
+                            "add_noise(..., before_bias=False), bias-free layers or BatchNorm "
+                            "before this convolution)")
                     B[end] = B[end] + w.sum(dim=tuple(range(2, w.dim()))) @ cd
             cols = alive_end.nonzero().view(-1)
             W[end] = w[:, cols] * fscale[cols].view((1, -1) + (1,) * (w.dim() - 2))
