@@ -41,8 +41,11 @@ PAPER = {
 }
 
 FULL = {
+    # LeNet-500-300: mu/log_sigma lr 0.05 chosen on the validation split with noise before the
+    # bias (docs/results.md: the lowest validation error among runs with >= 10x FLOP reduction;
+    # 0.1 gave 1.94 % at 17.4x, 0.05 1.72 % at 10.7x, 0.03 fell below 10x)
     "LeNet-500-300": {"pretrain_epochs": 10, "pretrain_lr": 3e-3, "sbp_epochs": 36,
-                      "lr": 1e-3, "sbp_lr": 1e-1, "hold": 0.5, "floor": 0.01},
+                      "lr": 1e-3, "sbp_lr": 5e-2, "hold": 0.5, "floor": 0.01},
     # LeNet5: larger learning rates, chosen on the validation split with
     # benchmarks/sbp_lenet5_explore.py (noise before the bias; docs/results.md, run J):
     # mu/log_sigma at 0.5 on the conv channels prune conv1 to 4 channels, at 0.03 on the dense
