@@ -94,7 +94,6 @@ def test_log_prob_gradient_matches_brute_force():
         torch.testing.assert_close(g, b, atol=1e-8, rtol=1e-6)
 
 
-
 def test_row_blocks_give_the_same_values_and_gradients():
     """log_prob splits large batches into row blocks; results must not depend on it."""
     prior = _random_trip(4, 2, 3)
