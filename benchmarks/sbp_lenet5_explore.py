@@ -45,15 +45,10 @@ def pretrained(cfg: dict[str, Any], seed: int, train: Any, cache: Path) -> torch
     model = recipe.NETS[NET]()
     path = cache / f"lenet5_pre_e{cfg['pretrain_epochs']}_lr{cfg['pretrain_lr']}_s{seed}.pt"
     if path.is_file():
-        model.load_state_dict(torch.load(path))
+        model.load_state_dict(torch.load(path, weights_only=True))
         return model
     seed_everything(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["pretrain_lr"])
-    steps = cfg["pretrain_epochs"] * len(data.loader(train, recipe.BATCH))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["pretrain_lr"],
-                                                total_steps=steps, pct_start=0.15)
-    fit(model, data.loader(train, recipe.BATCH, shuffle=True, seed=seed),
-        cfg["pretrain_epochs"], opt, sched, scheduler_step="batch", quiet=True)
+    recipe.pretrain(model, cfg, train, seed)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model

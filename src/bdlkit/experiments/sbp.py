@@ -173,6 +173,22 @@ def param_groups(noisy: torch.nn.Module, cfg: dict[str, Any],
     return groups
 
 
+def pretrain(model: torch.nn.Module, cfg: dict[str, Any], train: Any, seed: int) -> None:
+    """The recipe's dense pretraining of ``model`` in place: Adam with a one-cycle lr
+    (``cfg["pretrain_lr"]``, 15 % warm-up) for ``cfg["pretrain_epochs"]`` epochs on ``train``,
+    shuffled with ``seed``.
+
+    Example:
+        >>> pretrain(LeNet500_300(), QUICK["LeNet-500-300"], train_set, seed=0)  # doctest: +SKIP
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["pretrain_lr"])
+    steps = cfg["pretrain_epochs"] * len(data.loader(train, BATCH))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["pretrain_lr"],
+                                                total_steps=steps, pct_start=0.15)
+    fit(model, data.loader(train, BATCH, shuffle=True, seed=seed), cfg["pretrain_epochs"], opt,
+        sched, scheduler_step="batch", quiet=True)
+
+
 def _train(name: str, cfg: dict[str, Any], seed: int, train: Any, eval_set: Any,
            threads: int | None = None) -> dict[str, Any]:
     """Pretrain + SBP fine-tune one network on ``train``; per-epoch error on ``eval_set``."""
@@ -182,12 +198,7 @@ def _train(name: str, cfg: dict[str, Any], seed: int, train: Any, eval_set: Any,
     eval_loader = data.loader(eval_set, 1000)
     model = NETS[name]()
     t0 = time.perf_counter()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["pretrain_lr"])
-    steps = cfg["pretrain_epochs"] * len(data.loader(train, BATCH))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["pretrain_lr"],
-                                                total_steps=steps, pct_start=0.15)
-    fit(model, data.loader(train, BATCH, shuffle=True, seed=seed), cfg["pretrain_epochs"], opt,
-        sched, scheduler_step="batch", quiet=True)
+    pretrain(model, cfg, train, seed)
     pre_s = time.perf_counter() - t0
     pre_err = 100.0 * (1.0 - evaluate(model, eval_loader)["accuracy"])
     pre_state = {k: v.clone() for k, v in model.state_dict().items()}
