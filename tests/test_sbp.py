@@ -228,24 +228,36 @@ def _randomise(net: nn.Module, seed: int, frac_pruned: float = 0.4) -> None:
     (lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.GELU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
                            nn.AvgPool2d(2), nn.Flatten(), nn.Linear(45, 7), nn.ELU(),
                            nn.Linear(7, 2)), (2, 10, 10)),
+    # padded conv consumers of removed biased channels (border maps), the map then scaled by
+    # the consumer's own noise; 'same' padding; Conv1d
+    (lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.GELU(), nn.Conv2d(6, 5, 3, padding=1),
+                           nn.Tanh(), nn.Conv2d(5, 4, 3, padding="same"), nn.ReLU(),
+                           nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 7), nn.ELU(),
+                           nn.Linear(7, 2)), (2, 8, 8)),
+    (lambda: nn.Sequential(nn.Conv1d(3, 6, 3), nn.SiLU(), nn.Conv1d(6, 5, 5, padding=2),
+                           nn.BatchNorm1d(5), nn.ReLU(), nn.Flatten(), nn.Linear(50, 3)),
+     (3, 12)),
     # conv + BatchNorm with a conv bias (noise after the BatchNorm), padded consumer
     (lambda: nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(),
                            nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                            nn.Flatten(), nn.Linear(4 * 36, 3)), (2, 6, 6)),
 ])
-def test_prune_equals_eval_output(make, shape) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_prune_equals_eval_output(make, shape, dtype, tol) -> None:  # noqa: ANN001
+    # float64: pruning is exact up to rounding of the last bits, not merely close
     torch.manual_seed(0)
-    net = sbp.add_noise(make())
+    net = sbp.add_noise(make()).to(dtype)
     _randomise(net, seed=1)
     net.eval()
-    x = torch.randn(16, *shape)
+    x = torch.randn(16, *shape, dtype=dtype)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         ref = net(x)
     small = sbp.prune(net, 1.0, example_input=x[:4])
     with torch.no_grad():
         out = small(x)
-    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (out - ref).abs().max()
+    assert out.dtype == dtype
+    assert torch.allclose(out, ref, atol=tol, rtol=tol), (out - ref).abs().max()
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not any(isinstance(m, SBPNoise) for m in small.modules())
     n_small = sum(p.numel() for p in small.parameters())
@@ -464,7 +476,9 @@ def test_batchnorm_keeps_conv_bias_and_noise_after_bn() -> None:
     assert net[0].bias is not None and isinstance(net[2], SBPNoise) and net[2].bias is None
 
 
-def test_prune_raises_for_nonzero_constant_into_padded_conv() -> None:
+def test_prune_padded_conv_fed_by_removed_biased_units_is_exact() -> None:
+    # removed conv1 channels output tanh(0.3) everywhere; the padded conv2 sees zeros at its
+    # borders, so the fold needs a per-position correction (PositionBias)
     torch.manual_seed(0)
     net = sbp.add_noise(nn.Sequential(nn.Conv2d(2, 6, 3), nn.Tanh(), nn.Conv2d(6, 4, 3, padding=1),
                                       nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)))
@@ -473,16 +487,24 @@ def test_prune_raises_for_nonzero_constant_into_padded_conv() -> None:
         first.mu[:2] = -20.0
         first.log_sigma[:2] = 3.0
         first.bias.fill_(0.3)
-    with pytest.raises(ValueError, match="padded convolution"):
-        sbp.prune(net, example_input=torch.randn(2, 2, 8, 8))
-    with torch.no_grad():  # a zero constant (zero bias, tanh(0) = 0) is exact
-        first.bias.zero_()
     net.eval()
     x = torch.randn(5, 2, 8, 8)
-    small = sbp.prune(net, example_input=x)
+    small = sbp.prune(net, example_input=x[:2])
     with torch.no_grad():
         assert torch.allclose(small(x), net(x), atol=1e-5)
     assert small[0].out_channels == 4
+    maps = [m for m in small if isinstance(m, sbp.PositionBias)]
+    assert len(maps) == 1 and maps[0].bias_map.shape == (4, 6, 6)
+    assert maps[0].bias_map[:, 2:4, 2:4].abs().max() < 1e-6  # interior: folded into the bias
+    assert maps[0].bias_map[:, 0].abs().max() > 1e-3  # borders: the padding zeros
+    with pytest.raises(ValueError, match="built for inputs of shape"):
+        small(torch.randn(1, 2, 10, 10))
+    with torch.no_grad():  # a zero constant (zero bias, tanh(0) = 0) needs no map
+        first.bias.zero_()
+    small = sbp.prune(net, example_input=x)
+    assert not any(isinstance(m, sbp.PositionBias) for m in small)
+    with torch.no_grad():
+        assert torch.allclose(small(x), net(x), atol=1e-5)
 
 
 def test_noise_after_bias_option_prunes_padded_consumer_exactly() -> None:
@@ -550,3 +572,21 @@ def test_recipe_param_groups_split_dense_and_conv_noise() -> None:
     assert net.training  # the probe pass restores the mode
     with pytest.raises(ValueError, match="sbp_lr_linear"):
         param_groups(net, {"lr": 1e-2, "sbp_lr": 0.3, "sbp_lr_linear": -1.0}, x)
+
+
+@pytest.mark.parametrize("net", [LeNet5, LeNet500_300])
+def test_recipe_param_groups_first_layer_rate(net) -> None:  # noqa: ANN001
+    from bdlkit.experiments.sbp import param_groups
+
+    noisy = sbp.add_noise(net())
+    x = torch.zeros(2, 1, 28, 28)
+    groups = param_groups(noisy, {"lr": 1e-2, "sbp_lr": 0.3, "sbp_lr_linear": 0.1,
+                                  "sbp_lr_first": 2.0}, x)
+    first_name, first = sbp.sbp_layers(noisy)[0]
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_lr[2.0] == {id(first.mu), id(first.log_sigma)}, first_name
+    assert all(id(first.mu) not in ids for lr, ids in by_lr.items() if lr != 2.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(noisy.parameters()))
+    for bad in (0.0, -1.0, True, "2"):
+        with pytest.raises(ValueError, match="sbp_lr_first"):
+            param_groups(noisy, {"lr": 1e-2, "sbp_lr": 0.3, "sbp_lr_first": bad}, x)

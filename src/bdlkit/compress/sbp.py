@@ -15,7 +15,8 @@ without bias, applies the noise and then adds the bias): θ multiplies ``W x`` *
 ``θ ⊙ (W x) + b``. :func:`add_noise` therefore moves the bias of a noisy conv/linear layer into
 its :class:`SBPNoise` module (``SBPNoise.bias``; the layer itself becomes bias-free), so a
 removed unit outputs the constant ``b``; :func:`prune` folds that constant into the next layer's
-bias. A layer directly followed by BatchNorm keeps its bias and gets the noise after the
+bias (before a zero-padded convolution, plus a per-position border map, :class:`PositionBias`).
+A layer directly followed by BatchNorm keeps its bias and gets the noise after the
 BatchNorm: there the BatchNorm's shift ``β`` plays the bias's role (in training BatchNorm
 subtracts the batch mean, so a bias before it has no effect), and a removed channel outputs
 exactly 0.
@@ -450,9 +451,9 @@ def add_noise(model: nn.Module, *, input_noise: bool = True, skip_output: bool =
     layer becomes bias-free). A layer directly followed by BatchNorm keeps its bias and gets
     the noise after the BatchNorm, whose shift plays the bias's role. ``before_bias=False``
     multiplies the whole output instead, ``θ ⊙ (W x + b)`` (not the paper's placement): a
-    removed unit then outputs exactly 0, which :func:`prune` needs for models in which a
-    biased layer feeds a *padded* convolution without a BatchNorm in between (there a removed
-    unit's constant bias cannot be folded exactly). Layers inside an
+    removed unit then outputs exactly 0, so :func:`prune` never needs a per-position
+    :class:`PositionBias` (which ties the pruned model to one input size) where a biased layer
+    feeds a *padded* convolution. Layers inside an
     ``nn.Sequential`` get the noise inserted next to them; other layers are wrapped in an
     ``nn.Sequential``. Returns a modified deep copy unless ``inplace``.
 
@@ -570,6 +571,35 @@ class ChannelScale(nn.Module):
         return x * self.scale.view((1, -1) + (1,) * (x.dim() - 2))
 
 
+class PositionBias(nn.Module):
+    """Add a fixed per-position bias map (used by pruned models, see :func:`prune`).
+
+    A removed channel still outputs a constant (its bias); where it fed a zero-padded
+    convolution, its contribution is that constant everywhere except near the borders, where
+    the padding zeros enter. ``prune`` folds the interior value into the convolution's bias
+    and keeps the border correction here, which ties the pruned network to the spatial input
+    size it was built for (other sizes raise ``ValueError``).
+
+    Example:
+        >>> PositionBias(torch.ones(2, 3, 3))(torch.zeros(1, 2, 3, 3)).sum().item()
+        18.0
+    """
+
+    def __init__(self, bias_map: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("bias_map", bias_map.detach().clone())
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.bias_map.shape)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != self.bias_map.shape:
+            raise ValueError(f"this pruned layer was built for inputs of shape (N, "
+                             f"{', '.join(map(str, self.bias_map.shape))}) (the spatial size of "
+                             f"prune's example_input), got {tuple(x.shape)}")
+        return x + self.bias_map
+
+
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                 nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
@@ -617,9 +647,11 @@ def prune(model: nn.Module, snr_threshold: float | None = 1.0, *,
     dropped from both neighbouring layers and removed inputs of the first layer with an
     :class:`IndexSelect`. A removed unit outputs a constant (its bias, passed through the
     following element-wise ops and poolings; 0 without a bias); that constant is folded into
-    the next layer's bias. This is exact for linear consumers and unpadded convolutions; a
-    non-zero constant feeding a *padded* convolution would be wrong at the borders and raises
-    ``ValueError`` (zero constants, e.g. bias-free layers or BatchNorm nets, are fine). The
+    the next layer's bias. This is exact for linear consumers and unpadded convolutions. A
+    non-zero constant feeding a zero-*padded* convolution differs near the borders, where the
+    padding enters: that correction becomes a :class:`PositionBias` after the convolution,
+    built for the spatial size of ``example_input`` (other sizes then raise ``ValueError``;
+    zero constants, e.g. bias-free layers or BatchNorm nets, need no map). The
     result is a plain
     ``nn.Sequential`` in eval mode whose output equals ``model.eval()``'s output (with SBP
     thresholds equal to ``snr_threshold``) to float rounding; this is checked on
@@ -715,6 +747,8 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
         W[i] = m.weight.detach().double().cpu().clone()
         B[i] = (m.bias.detach().double().cpu().clone() if m.bias is not None
                 else torch.zeros(W[i].shape[0], dtype=torch.float64))
+    # per-position bias maps of padded convolutions fed by removed non-zero constants
+    border: dict[int, torch.Tensor] = {}
     bn_params: dict[int, dict[str, torch.Tensor]] = {}
     segments: list[tuple[int | None, list[int], int | None]] = []
     bounds = [None, *prod_idx]
@@ -745,6 +779,8 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
             mult = mults[pre_bias]
             W[start] = W[start] * mult.view((-1,) + (1,) * (W[start].dim() - 1))
             B[start] = B[start] * mult + noise_b
+            if start in border:
+                border[start] = border[start] * mult.view((-1,) + (1,) * (W[start].dim() - 2))
         if start is not None:
             c0 = W[start].shape[0]
         else:
@@ -827,7 +863,12 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
                 bs = back_scale[start]
                 W[start] = W[start] * bs.view((-1,) + (1,) * (W[start].dim() - 1))
                 B[start] = B[start] * bs
+                if start in border:
+                    border[start] = border[start] * bs.view((-1,) + (1,) * (W[start].dim() - 2))
             out_modules.append(_make_producer(chain[start][1], W[start][ch_idx], B[start][ch_idx]))
+            if start in border:
+                dtype = chain[start][1].weight.dtype
+                out_modules.append(PositionBias(border[start][ch_idx].to(dtype)))
         elif not bool(keep_ch.all()):
             out_modules.append(IndexSelect(ch_idx))
         # the ops of the segment, sliced to the kept channels / features
@@ -858,19 +899,24 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
                 if w.dim() == 2:
                     B[end] = B[end] + w @ cd
                 else:
-                    pad = chain[end][1].padding
-                    if isinstance(pad, str) or any(p != 0 for p in pad):
-                        raise ValueError(
-                            f"layer {chain[end][0]!r}: removed input channels output a non-zero "
-                            "constant (their bias; SBP noise acts before the bias) and feed a "
-                            "padded convolution, where folding the constant into its bias is "
-                            "not exact at the borders; cannot prune this model exactly (use "
-                            "add_noise(..., before_bias=False), bias-free layers or BatchNorm "
-                            "before this convolution)")
-                    B[end] = B[end] + w.sum(dim=tuple(range(2, w.dim()))) @ cd
+                    interior = w.sum(dim=tuple(range(2, w.dim()))) @ cd
+                    B[end] = B[end] + interior
+                    conv = chain[end][1]
+                    if isinstance(conv.padding, str) or any(p != 0 for p in conv.padding):
+                        border[end] = _border_correction(conv, w, cd, shapes[end], interior)
             cols = alive_end.nonzero().view(-1)
             W[end] = w[:, cols] * fscale[cols].view((1, -1) + (1,) * (w.dim() - 2))
     return nn.Sequential(*out_modules)
+
+
+def _border_correction(conv: nn.Module, w: torch.Tensor, const: torch.Tensor,
+                       in_shape: tuple[int, ...], interior: torch.Tensor) -> torch.Tensor:
+    """Exact output of a zero-padded ``conv`` for inputs constant per channel (``const``),
+    minus its interior value: non-zero only where the padding enters the receptive field."""
+    x = const.view((1, -1) + (1,) * (len(in_shape) - 2)).expand((1, -1) + tuple(in_shape[2:]))
+    with torch.no_grad():
+        full = conv._conv_forward(x.contiguous(), w, None)[0]
+    return full - interior.view((-1,) + (1,) * (full.dim() - 1))
 
 
 def _feat_index(keep_ch: torch.Tensor, spatial: int) -> torch.Tensor:
@@ -894,9 +940,9 @@ def _make_producer(m: nn.Module, w: torch.Tensor, b: torch.Tensor) -> nn.Module:
 
 
 def _make_bn(m: nn.Module, p: dict[str, torch.Tensor], idx: torch.Tensor) -> nn.Module:
-    new = type(m)(idx.numel(), eps=m.eps, momentum=m.momentum, affine=True,
-                  track_running_stats=True)
     dtype = m.running_mean.dtype
+    new = type(m)(idx.numel(), eps=m.eps, momentum=m.momentum, affine=True,
+                  track_running_stats=True, dtype=dtype)
     with torch.no_grad():
         new.running_mean.copy_(m.running_mean.cpu()[idx])
         new.running_var.copy_(m.running_var.cpu()[idx])
