@@ -68,7 +68,7 @@ class _Log:
             layer = sbp.sbp_layers(model)[0][1]
             snr = sorted(round(float(s), 2) for s in layer.snr().detach())
             units = "-".join(str(k) for _, k, _ in sbp.kept_units(model))
-            print(f"  step {step}: loss {loss:.4f} units {units} conv1 SNR {snr[:8]}...",
+            print(f"  step {step}: loss {loss:.4f} units {units} conv1 SNR {snr[:4]}...{snr[-8:]}",
                   flush=True)
 
     def on_epoch_end(self, model: torch.nn.Module, epoch: int) -> None:
@@ -97,7 +97,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg: dict[str, Any] = dict(recipe.FULL[NET])
-    optional = {"sbp_lr_linear": float}  # keys the recipe accepts but FULL may not set
+    # keys the recipe accepts but FULL may not set
+    optional = {"sbp_lr_linear": float, "sbp_lr_first": float}
     for kv in args.set:
         key, _, val = kv.partition("=")
         if key not in cfg and key not in optional:
