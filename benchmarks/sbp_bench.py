@@ -5,7 +5,8 @@ Independent of training: the pruned shapes are those reported by Neklyudov et al
 them (``IndexSelect`` for dropped inputs), with random weights. Timing: ``measure_speedup``
 (warm-up, interleaved repeats, medians + min/max), fp32, NCHW, ``torch.inference_mode``.
 
-Run:  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sbp_bench.py [--repeats 30]
+Run:  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sbp_bench.py [--repeats 30] \
+          [--lenet5-sizes 4-9-143-146 5-9-143-146]   (extra LeNet5 sizes, batch 100, 1 thread)
 Writes benchmarks/results/sbp.json and benchmarks/results/sbp.png.
 """
 
@@ -24,11 +25,22 @@ from bdlkit.compress.speed import measure_speedup
 from bdlkit.models import LeNet5, LeNet500_300
 
 
-def pruned_lenet5() -> nn.Sequential:
-    keep = torch.randperm(18 * 16, generator=torch.Generator().manual_seed(0))[:284].sort()[0]
-    return nn.Sequential(nn.Conv2d(1, 3, 5), nn.MaxPool2d(2), nn.Conv2d(3, 18, 5), nn.MaxPool2d(2),
-                         nn.Flatten(), IndexSelect(keep), nn.Linear(284, 283), nn.ReLU(),
-                         nn.Linear(283, 10))
+def pruned_lenet5(sizes: tuple[int, int, int, int] = (3, 18, 284, 283)) -> nn.Sequential:
+    """LeNet5-Caffe pruned to conv1 / conv2 channels, fc1 inputs / units (default: paper's)."""
+    c1, c2, f_in, f_out = sizes
+    if not 0 < f_in <= c2 * 16:
+        raise ValueError(f"fc1 inputs must lie in (0, {c2 * 16}] for {c2} conv2 channels")
+    keep = torch.randperm(c2 * 16, generator=torch.Generator().manual_seed(0))[:f_in].sort()[0]
+    return nn.Sequential(nn.Conv2d(1, c1, 5), nn.MaxPool2d(2), nn.Conv2d(c1, c2, 5),
+                         nn.MaxPool2d(2), nn.Flatten(), IndexSelect(keep), nn.Linear(f_in, f_out),
+                         nn.ReLU(), nn.Linear(f_out, 10))
+
+
+def _sizes(text: str) -> tuple[int, int, int, int]:
+    parts = tuple(int(v) for v in text.split("-"))
+    if len(parts) != 4 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected c1-c2-fc1in-fc1out, got {text!r}")
+    return parts  # type: ignore[return-value]
 
 
 def pruned_lenet500_300() -> nn.Sequential:
@@ -41,13 +53,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--lenet5-sizes", type=_sizes, nargs="*", default=[], metavar="C1-C2-IN-OUT",
+                    help="extra pruned LeNet5 sizes to time (batch 100, 1 thread), "
+                    "e.g. 4-9-143-146")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     results = {}
-    for name, big, small in [("LeNet5-Caffe", LeNet5(), pruned_lenet5()),
-                             ("LeNet-500-300", LeNet500_300(), pruned_lenet500_300())]:
-        r = measure_speedup(big, small, (1, 28, 28), batch_sizes=(1, 100), threads=(1, 2),
+    nets = [("LeNet5-Caffe", LeNet5(), pruned_lenet5(), (1, 100), (1, 2)),
+            ("LeNet-500-300", LeNet500_300(), pruned_lenet500_300(), (1, 100), (1, 2))]
+    nets += [(f"LeNet5 {'-'.join(map(str, s))}", LeNet5(), pruned_lenet5(s), (100,), (1,))
+             for s in args.lenet5_sizes]
+    for name, big, small, batches, threads in nets:
+        r = measure_speedup(big, small, (1, 28, 28), batch_sizes=batches, threads=threads,
                             repeats=args.repeats)
         results[name] = r
         print(name, f"FLOP reduction {r['flop_reduction']:.2f}x")
