@@ -499,6 +499,16 @@ def test_prune_padded_conv_fed_by_removed_biased_units_is_exact() -> None:
     assert maps[0].bias_map[:, 0].abs().max() > 1e-3  # borders: the padding zeros
     with pytest.raises(ValueError, match="built for inputs of shape"):
         small(torch.randn(1, 2, 10, 10))
+    unpadded = sbp.add_noise(nn.Sequential(nn.Conv2d(2, 6, 3), nn.Tanh(),
+                                           nn.Conv2d(6, 4, 3, padding="valid"), nn.ReLU(),
+                                           nn.Flatten(), nn.Linear(4 * 16, 3)))
+    unpadded.load_state_dict({k: v for k, v in net.state_dict().items()
+                              if not k.startswith(("5", "6"))}, strict=False)
+    unpadded.eval()
+    small = sbp.prune(unpadded, example_input=x[:2])
+    assert not any(isinstance(m, sbp.PositionBias) for m in small)  # "valid": no borders
+    with torch.no_grad():
+        assert torch.allclose(small(x), unpadded(x), atol=1e-5)
     with torch.no_grad():  # a zero constant (zero bias, tanh(0) = 0) needs no map
         first.bias.zero_()
     small = sbp.prune(net, example_input=x)

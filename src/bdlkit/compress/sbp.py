@@ -902,7 +902,8 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
                     interior = w.sum(dim=tuple(range(2, w.dim()))) @ cd
                     B[end] = B[end] + interior
                     conv = chain[end][1]
-                    if isinstance(conv.padding, str) or any(p != 0 for p in conv.padding):
+                    pad = conv.padding  # "valid", "same" or a tuple
+                    if pad == "same" or (not isinstance(pad, str) and any(p != 0 for p in pad)):
                         border[end] = _border_correction(conv, w, cd, shapes[end], interior)
             cols = alive_end.nonzero().view(-1)
             W[end] = w[:, cols] * fscale[cols].view((1, -1) + (1,) * (w.dim() - 2))
