@@ -41,13 +41,19 @@ def split(n_val: int = 10000) -> tuple[Any, Any]:
 
 
 def pretrained(cfg: dict[str, Any], seed: int, train: Any, cache: Path) -> torch.nn.Module:
-    """The recipe's pretraining (Adam one-cycle), cached on disk."""
+    """The recipe's pretraining (Adam one-cycle), cached on disk.
+
+    The network is built after seeding, as in the recipe's ``_train``. (Until 2026-11-24
+    13:50 UTC it was built before, so every seed started from the same initial weights; those
+    caches lack the ``_seeded`` suffix and are not reused.)
+    """
+    seed_everything(seed)
     model = recipe.NETS[NET]()
-    path = cache / f"lenet5_pre_e{cfg['pretrain_epochs']}_lr{cfg['pretrain_lr']}_s{seed}.pt"
+    path = cache / (f"lenet5_pre_e{cfg['pretrain_epochs']}_lr{cfg['pretrain_lr']}"
+                    f"_s{seed}_seeded.pt")
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
-    seed_everything(seed)
     recipe.pretrain(model, cfg, train, seed)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
