@@ -749,6 +749,14 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
                 else torch.zeros(W[i].shape[0], dtype=torch.float64))
     # per-position bias maps of padded convolutions fed by removed non-zero constants
     border: dict[int, torch.Tensor] = {}
+
+    def scale_rows(i: int, factor: torch.Tensor) -> None:
+        """Scale output channel/unit rows of producer ``i`` (weights, bias, border map)."""
+        W[i] = W[i] * factor.view((-1,) + (1,) * (W[i].dim() - 1))
+        B[i] = B[i] * factor
+        if i in border:
+            border[i] = border[i] * factor.view((-1,) + (1,) * (border[i].dim() - 1))
+
     bn_params: dict[int, dict[str, torch.Tensor]] = {}
     segments: list[tuple[int | None, list[int], int | None]] = []
     bounds = [None, *prod_idx]
@@ -776,11 +784,8 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
                                  "width")
             # B[start] so far holds constants folded in from removed inputs: they are part of
             # W x, so the noise scales them too
-            mult = mults[pre_bias]
-            W[start] = W[start] * mult.view((-1,) + (1,) * (W[start].dim() - 1))
-            B[start] = B[start] * mult + noise_b
-            if start in border:
-                border[start] = border[start] * mult.view((-1,) + (1,) * (W[start].dim() - 2))
+            scale_rows(start, mults[pre_bias])
+            B[start] = B[start] + noise_b
         if start is not None:
             c0 = W[start].shape[0]
         else:
@@ -860,11 +865,7 @@ def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],
         ch_idx = keep_ch.nonzero().view(-1)
         if start is not None:
             if start in back_scale:
-                bs = back_scale[start]
-                W[start] = W[start] * bs.view((-1,) + (1,) * (W[start].dim() - 1))
-                B[start] = B[start] * bs
-                if start in border:
-                    border[start] = border[start] * bs.view((-1,) + (1,) * (W[start].dim() - 2))
+                scale_rows(start, back_scale[start])
             out_modules.append(_make_producer(chain[start][1], W[start][ch_idx], B[start][ch_idx]))
             if start in border:
                 dtype = chain[start][1].weight.dtype
