@@ -96,19 +96,21 @@ def _make_prior(name: str, cfg: dict[str, Any]) -> torch.nn.Module:
     raise ValueError(f"unknown prior {name!r}; choose from {PRIORS}")
 
 
+def _prior_key(prior_name: str, cfg: dict[str, Any], key: str) -> str:
+    """``trip_<key>`` for TRIP when ``cfg`` sets it, else ``key`` (TRIP-only overrides)."""
+    trip_key = f"trip_{key}"
+    return trip_key if prior_name == "trip" and cfg.get(trip_key) is not None else key
+
+
 def prior_lr_for(prior_name: str, cfg: dict[str, Any]) -> float:
     """Adam learning rate of the prior: ``trip_prior_lr`` for TRIP when set, else ``prior_lr``."""
-    if prior_name == "trip" and cfg.get("trip_prior_lr") is not None:
-        return float(cfg["trip_prior_lr"])
-    return float(cfg["prior_lr"])
+    return float(cfg[_prior_key(prior_name, cfg, "prior_lr")])
 
 
 def prior_init_epoch_for(prior_name: str, cfg: dict[str, Any]) -> int | None:
     """Epoch of the prior re-fit: ``trip_prior_init_epoch`` for TRIP when set, else
     ``prior_init_epoch``."""
-    if prior_name == "trip" and cfg.get("trip_prior_init_epoch") is not None:
-        return int(cfg["trip_prior_init_epoch"])
-    value = cfg.get("prior_init_epoch")
+    value = cfg.get(_prior_key(prior_name, cfg, "prior_init_epoch"))
     return None if value is None else int(value)
 
 
