@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from ..posterior.swag import swa_learning_rate
+
+
+def progress(tag: str, msg: str) -> None:
+    """One line of a recipe's progress, ``[tag] msg``, on stderr (stdout is left to results).
+
+    Example:
+        >>> progress("sbp", "epoch 1 done")  # prints "[sbp] epoch 1 done" to stderr
+    """
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
 
 
 def garipov_schedule(total_steps: int) -> Callable[[int], float]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from ..compress.perforation import (
 from ..compress.speed import measure_speedup
 from ..models import VGGSmall
 from ..train import evaluate, fit, seed_everything
+from ._common import progress
 
 MASKS = ("uniform", "grid", "structure", "impact")
 # kept fractions for the search: powers of 1/2 give regular grid lattices on the 28x28 map
@@ -94,7 +94,7 @@ def _save_progress(out_dir: Path, update: dict[str, Any]) -> None:
 
 
 def _log(msg: str) -> None:
-    print(f"[perforation] {msg}", file=sys.stderr, flush=True)
+    progress("perforation", msg)
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:

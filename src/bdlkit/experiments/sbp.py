@@ -32,6 +32,7 @@ from ..compress import sbp
 from ..compress.speed import count_flops, measure_speedup
 from ..models import LeNet5, LeNet500_300
 from ..train import evaluate, fit, seed_everything
+from ._common import progress
 
 # Paper / README numbers (Neklyudov et al. 2017): error %, units, CPU speed-up, FLOP reduction.
 PAPER = {
@@ -100,8 +101,8 @@ class _Track:
             self.flop_red.append(self.flops_full / count_flops(small, self.example[:1]))
         except ValueError:  # a layer fully pruned at this point of training
             self.flop_red.append(float("nan"))
-        print(f"[sbp] {self.name} epoch {epoch + 1}: error {self.err[-1]:.2f} %, FLOP "
-              f"reduction {self.flop_red[-1]:.2f}x, units {self.units[-1]}", flush=True)
+        progress("sbp", f"{self.name} epoch {epoch + 1}: error {self.err[-1]:.2f} %, FLOP "
+                 f"reduction {self.flop_red[-1]:.2f}x, units {self.units[-1]}")
         model.train()
 
 
@@ -214,7 +215,7 @@ def _train(name: str, cfg: dict[str, Any], seed: int, train: Any, eval_set: Any,
     pre_s = time.perf_counter() - t0
     pre_err = 100.0 * (1.0 - evaluate(model, eval_loader)["accuracy"])
     pre_state = {k: v.clone() for k, v in model.state_dict().items()}
-    print(f"[sbp] {name}: pretrained in {pre_s:.0f} s, error {pre_err:.2f} %", flush=True)
+    progress("sbp", f"{name}: pretrained in {pre_s:.0f} s, error {pre_err:.2f} %")
 
     noisy = sbp.add_noise(model)
     n_train = len(train)

@@ -32,6 +32,7 @@ from ..generative.vae import (
     fit_vae,
 )
 from ..train import seed_everything
+from ._common import progress
 
 PRIORS = ("normal", "gmm", "trip")
 
@@ -335,7 +336,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, parts: tuple[str, ...
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
-        print(f"[trip] {msg}", flush=True)
+        progress("trip", msg)
 
     tables, figures, notes, config, headline = [], [], [], {"quick": quick, "seed": seed}, {}
     if "vae" in parts:
