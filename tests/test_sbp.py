@@ -398,6 +398,48 @@ def test_recipe_lr_schedule_holds_then_decays_to_floor() -> None:
         lr_factor(0, 10, 1.5, 0.01)
 
 
+def test_recipe_lr_lambdas_freeze_noise_in_last_epochs() -> None:
+    from bdlkit.experiments.sbp import lr_factor, lr_lambdas
+
+    cfg = {"sbp_epochs": 4, "hold": 0.5, "floor": 0.01}
+    plain = lr_lambdas(cfg, steps_per_epoch=5, n_groups=3)
+    frozen = lr_lambdas({**cfg, "sbp_freeze_epochs": 1}, steps_per_epoch=5, n_groups=3)
+    for step in range(21):
+        ref = lr_factor(step, 20, 0.5, 0.01)
+        assert [f(step) for f in plain] == [ref] * 3
+        assert frozen[0](step) == ref
+        assert [f(step) for f in frozen[1:]] == [0.0 if step >= 15 else ref] * 2
+    for bad in (4, -1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="sbp_freeze_epochs"):
+            lr_lambdas({**cfg, "sbp_freeze_epochs": bad}, 5, 3)
+    with pytest.raises(ValueError, match="n_groups"):
+        lr_lambdas(cfg, 5, 0)
+
+
+def test_recipe_frozen_epochs_keep_units_and_train_weights() -> None:
+    from bdlkit.experiments.sbp import lr_lambdas, param_groups
+
+    torch.manual_seed(0)
+    noisy = sbp.add_noise(LeNet500_300())
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    cfg = {"lr": 1e-2, "sbp_lr": 0.1, "sbp_epochs": 2, "sbp_freeze_epochs": 1}
+    opt = torch.optim.Adam(param_groups(noisy, cfg, x[:1]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, 2, len(opt.param_groups)))
+    layer = sbp.sbp_layers(noisy)[0][1]
+    weight = next(p for n, p in noisy.named_parameters() if n.endswith("weight"))
+    snapshots = []
+    for _ in range(4):  # 2 epochs of 2 steps: noise trained in the first, frozen in the second
+        snapshots.append((layer.mu.detach().clone(), weight.detach().clone()))
+        opt.zero_grad()
+        sbp.sgvlb(noisy(x), y, noisy, n_train=1000).backward()
+        opt.step()
+        sched.step()
+    snapshots.append((layer.mu.detach().clone(), weight.detach().clone()))
+    assert not torch.equal(snapshots[0][0], snapshots[2][0])  # μ moved while trained
+    assert torch.equal(snapshots[2][0], snapshots[4][0])  # and not at all once frozen
+    assert not torch.equal(snapshots[2][1], snapshots[4][1])  # the weights kept training
+
+
 def test_recipe_nets_selection_and_merge() -> None:
     from bdlkit.experiments.sbp import _check_nets, merge_results, run
 

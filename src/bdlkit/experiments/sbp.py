@@ -21,7 +21,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ FULL = {
                      "lr": 1e-2, "sbp_lr": 5e-1, "sbp_lr_linear": 1.5e-2, "sbp_lr_first": 2.0,
                      "hold": 0.5, "floor": 0.01},
 }
+# Keys a config may add to those of FULL (see param_groups and lr_lambdas), with their types.
+OPTIONAL_KEYS = {"sbp_lr_linear": float, "sbp_lr_first": float, "sbp_freeze_epochs": int}
 QUICK = {
     "LeNet-500-300": {"pretrain_epochs": 1, "pretrain_lr": 3e-3, "sbp_epochs": 2,
                       "lr": 1e-3, "sbp_lr": 1e-1, "hold": 0.5, "floor": 0.01},
@@ -128,6 +130,40 @@ def lr_factor(step: int, total: int, hold: float, floor: float) -> float:
         return 1.0
     t = min(1.0, (step - start) / max(total - start, 1e-12))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def lr_lambdas(cfg: dict[str, Any], steps_per_epoch: int,
+               n_groups: int) -> list[Callable[[int], float]]:
+    """Per-group ``LambdaLR`` factors for the groups of :func:`param_groups` (weights first).
+
+    Every group follows :func:`lr_factor` over ``cfg["sbp_epochs"]`` epochs. With the optional
+    key ``sbp_freeze_epochs`` = k, the μ / log σ groups get factor 0 in the last k epochs: the
+    kept units are then fixed, and the weights keep training under the (fixed) noise, so a unit
+    cut late in the schedule does not leave the rest of the network without time to adapt.
+
+    Example:
+        >>> f = lr_lambdas({"sbp_epochs": 2, "hold": 0.5, "floor": 0.01,
+        ...                 "sbp_freeze_epochs": 1}, steps_per_epoch=10, n_groups=2)
+        >>> [round(g(15), 3) for g in f], [g(5) for g in f]
+        ([0.505, 0.0], [1.0, 1.0])
+    """
+    epochs, freeze = cfg["sbp_epochs"], cfg.get("sbp_freeze_epochs", 0)
+    if isinstance(freeze, bool) or not isinstance(freeze, int) or not 0 <= freeze < epochs:
+        raise ValueError(f"sbp_freeze_epochs must be an int in [0, sbp_epochs={epochs}), "
+                         f"got {freeze!r}")
+    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
+        raise ValueError(f"n_groups must be a positive int, got {n_groups!r}")
+    total = epochs * steps_per_epoch
+    frozen_from = (epochs - freeze) * steps_per_epoch
+    hold, floor = cfg.get("hold", 1.0), cfg.get("floor", 1.0)
+
+    def weights(step: int) -> float:
+        return lr_factor(step, total, hold, floor)
+
+    def noise(step: int) -> float:
+        return 0.0 if freeze and step >= frozen_from else weights(step)
+
+    return [weights] + [noise] * (n_groups - 1)
 
 
 def param_groups(noisy: torch.nn.Module, cfg: dict[str, Any],
@@ -220,9 +256,8 @@ def _train(name: str, cfg: dict[str, Any], seed: int, train: Any, eval_set: Any,
     example = eval_set.tensors[0][:256]
     opt = torch.optim.Adam(param_groups(noisy, cfg, example[:1]))
     train_loader = data.loader(train, BATCH, shuffle=True, seed=seed + 1)
-    total = cfg["sbp_epochs"] * len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_factor(step, total, cfg.get("hold", 1.0), cfg.get("floor", 1.0)))
+        opt, lr_lambdas(cfg, len(train_loader), len(opt.param_groups)))
     track = _Track(eval_loader, count_flops(model, example[:1]), example, name)
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
