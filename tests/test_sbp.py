@@ -414,6 +414,8 @@ def test_recipe_lr_lambdas_freeze_noise_in_last_epochs() -> None:
             lr_lambdas({**cfg, "sbp_freeze_epochs": bad}, 5, 3)
     with pytest.raises(ValueError, match="n_groups"):
         lr_lambdas(cfg, 5, 0)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        lr_lambdas(cfg, 0, 3)
 
 
 def test_recipe_frozen_epochs_keep_units_and_train_weights() -> None:

@@ -151,8 +151,9 @@ def lr_lambdas(cfg: dict[str, Any], steps_per_epoch: int,
     if isinstance(freeze, bool) or not isinstance(freeze, int) or not 0 <= freeze < epochs:
         raise ValueError(f"sbp_freeze_epochs must be an int in [0, sbp_epochs={epochs}), "
                          f"got {freeze!r}")
-    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
-        raise ValueError(f"n_groups must be a positive int, got {n_groups!r}")
+    for key, value in (("steps_per_epoch", steps_per_epoch), ("n_groups", n_groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive int, got {value!r}")
     total = epochs * steps_per_epoch
     frozen_from = (epochs - freeze) * steps_per_epoch
     hold, floor = cfg.get("hold", 1.0), cfg.get("floor", 1.0)
