@@ -7,6 +7,10 @@ that several fine-tuning settings can start from the same weights. Every ``--log
 steps it prints the kept units per SBP layer and the sorted SNRs of conv1; after every epoch
 the validation error and the FLOP reduction of the pruned network.
 
+For diagnosis only: to choose a ``FULL`` configuration use ``benchmarks/sbp_validate.py`` (the
+recipe's own :func:`~bdlkit.experiments.sbp.validate`). This script re-implements the set-up, and
+its SBP-phase noise draws differ from the recipe's (docs/results.md, SBP, fifth session).
+
 Run:  chrt --idle 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sbp_lenet5_explore.py \\
           --set lr=3e-3 --set sbp_lr=0.1 --set sbp_epochs=6 --set hold=1 [--out r.json]
 """
