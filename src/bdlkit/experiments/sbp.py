@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .. import data, plots
+from .._checks import check_positive_int
 from ..compress import sbp
 from ..compress.speed import count_flops, measure_speedup
 from ..models import LeNet5, LeNet500_300
@@ -151,9 +152,8 @@ def lr_lambdas(cfg: dict[str, Any], steps_per_epoch: int,
     if isinstance(freeze, bool) or not isinstance(freeze, int) or not 0 <= freeze < epochs:
         raise ValueError(f"sbp_freeze_epochs must be an int in [0, sbp_epochs={epochs}), "
                          f"got {freeze!r}")
-    for key, value in (("steps_per_epoch", steps_per_epoch), ("n_groups", n_groups)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive int, got {value!r}")
+    check_positive_int("steps_per_epoch", steps_per_epoch)
+    check_positive_int("n_groups", n_groups)
     total = epochs * steps_per_epoch
     frozen_from = (epochs - freeze) * steps_per_epoch
     hold, floor = cfg.get("hold", 1.0), cfg.get("floor", 1.0)
