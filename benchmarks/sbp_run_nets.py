@@ -4,10 +4,12 @@
 ``bdlkit.experiments.sbp.run(..., nets=[...])`` into ``OUT/sbp`` exactly as the CLI would
 (``result.json``, figures, ``OUT/report.md``); with ``--merge`` the ``result.json`` of an earlier
 full run supplies the networks not re-run (``sbp.merge_results``), and the partial result is
-kept as ``result_partial.json``.
+kept as ``result_partial.json``. ``--set KEY=VALUE`` runs a candidate configuration (the recipe's
+``with_overrides``), exactly as ``sbp_validate.py --set`` validates it.
 
 Run:  chrt --idle 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sbp_run_nets.py \\
-          --nets LeNet5-Caffe --out /tmp/sbp_l5 --merge benchmarks/results/sbp_recipe_full.json
+          --nets LeNet5-Caffe --out /tmp/sbp_l5 --merge benchmarks/results/sbp_recipe_full.json \\
+          [--set sbp_epochs=25]
 """
 
 from __future__ import annotations
@@ -31,8 +33,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--merge", type=Path, default=None,
                     help="result.json of an earlier run supplying the other networks")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one FULL config entry of the networks run (a candidate "
+                         "configuration; the report's config records what ran)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.set:
+        try:
+            # run() reads the module's FULL at call time
+            sbp.FULL = {**sbp.FULL, **{n: sbp.with_overrides(sbp.FULL[n], args.set)
+                                       for n in args.nets}}
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     base = json.loads(args.merge.read_text()) if args.merge else None
     target = args.out / "sbp"
     start = time.perf_counter()

@@ -27,13 +27,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = dict(recipe.FULL[args.net])
-    types = {**{k: type(v) for k, v in cfg.items()}, **recipe.OPTIONAL_KEYS}
-    for kv in args.set:
-        key, _, val = kv.partition("=")
-        if key not in types:
-            raise SystemExit(f"unknown config key {key!r}; known: {sorted(types)}")
-        cfg[key] = int(float(val)) if types[key] is int else float(val)
+    try:
+        cfg = recipe.with_overrides(recipe.FULL[args.net], args.set)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     res = recipe.validate(args.net, cfg, seed=args.seed)
     print(json.dumps({k: v for k, v in res.items() if k != "track"}, indent=1))
     if args.out:

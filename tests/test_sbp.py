@@ -418,6 +418,21 @@ def test_recipe_lr_lambdas_freeze_noise_in_last_epochs() -> None:
         lr_lambdas(cfg, 0, 3)
 
 
+def test_recipe_with_overrides_types_and_errors() -> None:
+    from bdlkit.experiments.sbp import FULL, with_overrides
+
+    base = FULL["LeNet5-Caffe"]
+    before = dict(base)
+    cfg = with_overrides(base, ["sbp_epochs=25", "lr=2e-2", "sbp_freeze_epochs=3"])
+    assert cfg["sbp_epochs"] == 25 and isinstance(cfg["sbp_epochs"], int)
+    assert cfg["lr"] == 0.02 and cfg["sbp_freeze_epochs"] == 3
+    assert base == before  # the recipe's own config is untouched
+    for bad, match in (("nokey=1", "KEY=VALUE"), ("sbp_epochs", "KEY=VALUE"),
+                       ("lr=fast", "not a number"), ("sbp_epochs=2.5", "integer")):
+        with pytest.raises(ValueError, match=match):
+            with_overrides(base, [bad])
+
+
 def test_recipe_frozen_epochs_keep_units_and_train_weights() -> None:
     from bdlkit.experiments.sbp import lr_lambdas, param_groups
 

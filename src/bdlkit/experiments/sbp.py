@@ -74,6 +74,34 @@ NETS = {"LeNet-500-300": LeNet500_300, "LeNet5-Caffe": LeNet5}
 SLUGS = {"LeNet-500-300": "lenet500_300", "LeNet5-Caffe": "lenet5"}
 
 
+def with_overrides(cfg: dict[str, Any], items: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``cfg`` with ``KEY=VALUE`` strings applied (keys of ``cfg`` or ``OPTIONAL_KEYS``).
+
+    Values take the type of the entry they replace (int or float). The benchmark scripts'
+    ``--set`` options use it, so that a candidate's validation runs and acceptance runs read
+    the same configuration.
+
+    Example:
+        >>> with_overrides(FULL["LeNet5-Caffe"], ["sbp_epochs=25"])["sbp_epochs"]
+        25
+    """
+    out = dict(cfg)
+    types = {**{k: type(v) for k, v in cfg.items()}, **OPTIONAL_KEYS}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"override must be KEY=VALUE with KEY one of {sorted(types)}, "
+                             f"got {item!r}")
+        try:
+            number = float(val)
+        except ValueError:
+            raise ValueError(f"override {item!r}: {val!r} is not a number") from None
+        if types[key] is int and not number.is_integer():
+            raise ValueError(f"override {item!r}: {key} takes an integer")
+        out[key] = int(number) if types[key] is int else number
+    return out
+
+
 class _Clip:
     """Callback: clip μ / log σ to [-20, 5] after every step (the paper's clipping)."""
 
