@@ -659,3 +659,14 @@ def test_recipe_param_groups_first_layer_rate(net) -> None:  # noqa: ANN001
     for bad in (0.0, -1.0, True, "2"):
         with pytest.raises(ValueError, match="sbp_lr_first"):
             param_groups(noisy, {"lr": 1e-2, "sbp_lr": 0.3, "sbp_lr_first": bad}, x)
+
+
+def test_channel_scale_checks_its_vector() -> None:
+    from bdlkit.compress.sbp import ChannelScale
+
+    out = ChannelScale(torch.tensor([2.0, 0.5]))(torch.ones(3, 2, 4, 4))
+    assert torch.equal(out[:, 0], torch.full((3, 4, 4), 2.0))
+    assert torch.equal(out[:, 1], torch.full((3, 4, 4), 0.5))
+    for bad in (torch.ones(2, 2), torch.tensor([1, 2]), [1.0, 2.0]):
+        with pytest.raises(TypeError, match="scale"):
+            ChannelScale(bad)

@@ -48,7 +48,12 @@ _FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 @dataclass(frozen=True)
 class IdxSpec:
-    """Where an IDX dataset comes from and the SHA-256 of each uncompressed file."""
+    """Where an IDX dataset comes from and the SHA-256 of each uncompressed file.
+
+    Example:
+        >>> DATASETS["mnist"].name
+        'mnist'
+    """
 
     name: str
     sha256: dict[str, str]

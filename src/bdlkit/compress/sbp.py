@@ -561,10 +561,20 @@ class IndexSelect(nn.Module):
 
 
 class ChannelScale(nn.Module):
-    """Multiply dim 1 by a fixed vector (fallback when a multiplier cannot be absorbed)."""
+    """Multiply dim 1 by a fixed vector (fallback when a multiplier cannot be absorbed).
+
+    :func:`prune` inserts it where E[θ] of kept units cannot be folded into a neighbouring
+    layer's weights (e.g. when no linear layer follows).
+
+    Example:
+        >>> ChannelScale(torch.tensor([1.0, 2.0]))(torch.ones(1, 2, 3, 3))[0, :, 0, 0]
+        tensor([1., 2.])
+    """
 
     def __init__(self, scale: torch.Tensor) -> None:
         super().__init__()
+        if not isinstance(scale, torch.Tensor) or scale.dim() != 1 or not scale.is_floating_point():
+            raise TypeError("scale must be a 1-D floating-point tensor (one factor per channel)")
         self.register_buffer("scale", scale.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

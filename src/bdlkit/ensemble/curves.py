@@ -72,6 +72,14 @@ class Curve(nn.Module):
 
     Call ``curve(x, t)`` to run the network at ``phi(t)``; ``curve.model_at(t)`` returns an
     independent plain module with those weights.
+
+    Example (a straight line written as a curve with no bend):
+        >>> class Line(Curve):
+        ...     def coefficients(self, t: float) -> list[float]:
+        ...         return [1.0 - t, t]
+        >>> line = Line(nn.Linear(4, 2), nn.Linear(4, 2), num_bends=2)
+        >>> line.model_at(0.5).weight.shape
+        torch.Size([2, 4])
     """
 
     def __init__(self, start: nn.Module, end: nn.Module, num_bends: int = 3) -> None:

@@ -38,7 +38,15 @@ def get_recipe(name: str) -> Recipe:
 
 
 def run_recipe(name: str, out_dir: Path, quick: bool, seed: int) -> dict[str, Any]:
-    """Run one recipe into ``out_dir/<name>`` and return its result dict."""
+    """Run one recipe into ``out_dir/<name>`` and return its result dict.
+
+    ``bdlkit run NAME`` calls this and then writes the report; ``KeyError`` for an unknown name.
+
+    Example:
+        >>> result = run_recipe("baseline", Path("runs/x"), quick=True, seed=0)  # doctest: +SKIP
+        >>> sorted(result)[:3]  # doctest: +SKIP
+        ['config', 'figures', 'headline']
+    """
     target = Path(out_dir) / name
     target.mkdir(parents=True, exist_ok=True)
     return get_recipe(name)(target, quick=quick, seed=seed)

@@ -49,7 +49,18 @@ __all__ = [
 
 
 class Prior(Protocol):
-    """Anything with ``sample(n) -> Tensor (n, latent_dim)``."""
+    """Anything with ``sample(n) -> Tensor (n, latent_dim)``.
+
+    ``torch.distributions`` objects with a batch of ``latent_dim`` independent dims, an
+    ``nn.Module`` prior such as :class:`bdlkit.TRIP`, or a small wrapper all qualify.
+
+    Example:
+        >>> class Normal:
+        ...     def sample(self, n: int) -> torch.Tensor:
+        ...         return torch.randn(n, 8)
+        >>> Normal().sample(4).shape
+        torch.Size([4, 8])
+    """
 
     def sample(self, n: int) -> torch.Tensor: ...
 

@@ -98,6 +98,12 @@ class MHResult:
             proposals were rejected); non-finite scores of ``x0`` are counted too.
         n_steps: number of MH steps run.
         thin: thinning used for ``samples``.
+
+    Example:
+        >>> mh = ImplicitMH(lambda x: torch.zeros(len(x)), lambda n: torch.randn(n, 2))
+        >>> res = mh.run(torch.zeros(8, 2), n_steps=10, thin=5)
+        >>> res.samples.shape, res.acceptance.shape
+        (torch.Size([3, 8, 2]), torch.Size([8]))
     """
 
     samples: torch.Tensor
@@ -757,6 +763,12 @@ class DRSResult:
         n_nonfinite: proposals rejected because their score was NaN/inf.
         max_log_ratio: final estimate of ``max_x s(x)`` (``D*_M``).
         gamma: the last ``gamma`` used.
+
+    Example:
+        >>> r = discriminator_rejection_sampling(lambda x: torch.zeros(len(x)),
+        ...     lambda m: torch.randn(m, 2), 100, burn_in=100)
+        >>> r.samples.shape, r.acceptance_rate > 0
+        (torch.Size([100, 2]), True)
     """
 
     samples: torch.Tensor
