@@ -428,9 +428,12 @@ def test_recipe_with_overrides_types_and_errors() -> None:
     assert cfg["lr"] == 0.02 and cfg["sbp_freeze_epochs"] == 3
     assert base == before  # the recipe's own config is untouched
     for bad, match in (("nokey=1", "KEY=VALUE"), ("sbp_epochs", "KEY=VALUE"),
-                       ("lr=fast", "not a number"), ("sbp_epochs=2.5", "integer")):
+                       ("lr=fast", "not a number"), ("sbp_epochs=2.5", "integer"),
+                       ("lr=nan", "finite"), ("lr=inf", "finite")):
         with pytest.raises(ValueError, match=match):
             with_overrides(base, [bad])
+    with pytest.raises(TypeError, match="items"):
+        with_overrides(base, "sbp_epochs=25")
 
 
 def test_recipe_frozen_epochs_keep_units_and_train_weights() -> None:

@@ -85,6 +85,8 @@ def with_overrides(cfg: dict[str, Any], items: Sequence[str]) -> dict[str, Any]:
         >>> with_overrides(FULL["LeNet5-Caffe"], ["sbp_epochs=25"])["sbp_epochs"]
         25
     """
+    if isinstance(items, str) or not all(isinstance(i, str) for i in items):
+        raise TypeError(f"items must be a sequence of 'KEY=VALUE' strings, got {items!r}")
     out = dict(cfg)
     types = {**{k: type(v) for k, v in cfg.items()}, **OPTIONAL_KEYS}
     for item in items:
@@ -96,6 +98,8 @@ def with_overrides(cfg: dict[str, Any], items: Sequence[str]) -> dict[str, Any]:
             number = float(val)
         except ValueError:
             raise ValueError(f"override {item!r}: {val!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"override {item!r}: the value must be finite")
         if types[key] is int and not number.is_integer():
             raise ValueError(f"override {item!r}: {key} takes an integer")
         out[key] = int(number) if types[key] is int else number

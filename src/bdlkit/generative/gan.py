@@ -51,8 +51,8 @@ __all__ = [
 class Prior(Protocol):
     """Anything with ``sample(n) -> Tensor (n, latent_dim)``.
 
-    ``torch.distributions`` objects with a batch of ``latent_dim`` independent dims, an
-    ``nn.Module`` prior such as :class:`bdlkit.TRIP`, or a small wrapper all qualify.
+    :class:`bdlkit.TRIP` qualifies as it is. A ``torch.distributions`` object needs a small
+    wrapper, because its ``sample`` takes a shape (``sample((n,))``), not a count.
 
     Example:
         >>> class Normal:
