@@ -106,16 +106,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg: dict[str, Any] = dict(recipe.FULL[NET])
-    # keys the recipe accepts but FULL may not set
-    optional = {"sbp_lr_linear": float, "sbp_lr_first": float}
-    for kv in args.set:
-        key, _, val = kv.partition("=")
-        if key not in cfg and key not in optional:
-            known = sorted(set(cfg) | set(optional))
-            raise SystemExit(f"unknown config key {key!r}; known: {known}")
-        kind = optional.get(key) or type(cfg[key])
-        cfg[key] = int(float(val)) if kind is int else float(val)
+    try:
+        cfg: dict[str, Any] = recipe.with_overrides(recipe.FULL[NET], args.set)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     train, val = split()
     model = pretrained(cfg, args.seed, train, args.cache)
     val_loader = data.loader(val, 1000)
@@ -126,9 +120,8 @@ def main() -> None:
     opt = torch.optim.Adam(recipe.param_groups(noisy, cfg, val.tensors[0][:1]),
                            betas=(args.beta1, 0.999))
     loader = data.loader(train, recipe.BATCH, shuffle=True, seed=args.seed + 1)
-    total = cfg["sbp_epochs"] * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: recipe.lr_factor(s, total, cfg["hold"], cfg["floor"]))
+        opt, recipe.lr_lambdas(cfg, len(loader), len(opt.param_groups)))
     example = val.tensors[0][:256]
     log = _Log(args.log_every, val_loader, example, count_flops(model, example[:1]))
     n_train = len(train)
