@@ -34,21 +34,21 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, default=None,
                     help="result.json of an earlier run supplying the other networks")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one FULL config entry of the networks run (a candidate "
-                         "configuration; the report's config records what ran)")
+                    help="override one FULL (QUICK with --quick) config entry of the networks "
+                         "run (a candidate; the report's config records what ran)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    configs = None
     if args.set:
+        base_cfgs = sbp.QUICK if args.quick else sbp.FULL
         try:
-            # run() reads the module's FULL at call time
-            sbp.FULL = {**sbp.FULL, **{n: sbp.with_overrides(sbp.FULL[n], args.set)
-                                       for n in args.nets}}
+            configs = {n: sbp.with_overrides(base_cfgs[n], args.set) for n in args.nets}
         except ValueError as err:
             raise SystemExit(str(err)) from None
     base = json.loads(args.merge.read_text()) if args.merge else None
     target = args.out / "sbp"
     start = time.perf_counter()
-    result = sbp.run(target, quick=args.quick, seed=args.seed, nets=args.nets)
+    result = sbp.run(target, quick=args.quick, seed=args.seed, nets=args.nets, configs=configs)
     result["wall_time_s"] = time.perf_counter() - start
     result["config"].update({"quick": args.quick, "seed": args.seed, "nets_run": args.nets})
     if base is not None:

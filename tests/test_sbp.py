@@ -467,6 +467,10 @@ def test_recipe_nets_selection_and_merge() -> None:
     assert _check_nets(["LeNet5-Caffe", "LeNet-500-300"]) == ["LeNet-500-300", "LeNet5-Caffe"]
     with pytest.raises(ValueError, match="nets"):
         run("/tmp/unused", nets=["LeNet7"])
+    with pytest.raises(ValueError, match="configs"):  # a config for a network not run
+        run("/tmp/unused", nets=["LeNet5-Caffe"], configs={"LeNet-500-300": {}})
+    with pytest.raises(ValueError, match="configs"):
+        run("/tmp/unused", configs=[("LeNet5-Caffe", {})])
     with pytest.raises(ValueError, match="nets"):
         _check_nets([])
     with pytest.raises(TypeError, match="nets"):

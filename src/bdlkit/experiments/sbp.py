@@ -398,15 +398,22 @@ def _check_nets(nets: Sequence[str] | None) -> list[str]:
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0,
-        nets: Sequence[str] | None = None) -> dict[str, Any]:
+        nets: Sequence[str] | None = None,
+        configs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Pretrain, SBP fine-tune and prune the MNIST networks; returns the report dict.
 
     ``nets`` restricts the run to some of the networks (names of ``NETS``, default all); use
-    :func:`merge_results` to combine such a partial report with an earlier one.
+    :func:`merge_results` to combine such a partial report with an earlier one. ``configs``
+    maps network names to the configuration to run instead of ``FULL`` / ``QUICK`` (a
+    candidate, e.g. from :func:`with_overrides`); the report's config records what ran.
     """
     names = _check_nets(nets)
+    configs = {} if configs is None else configs
+    if not isinstance(configs, dict) or not set(configs) <= set(names):
+        raise ValueError(f"configs must be a dict keyed by networks of this run {names}, "
+                         f"got {configs!r}")
     out_dir = Path(out_dir)
-    cfgs = {n: (QUICK if quick else FULL)[n] for n in names}
+    cfgs = {n: configs.get(n, (QUICK if quick else FULL)[n]) for n in names}
     repeats = 5 if quick else 30
     out_dir.mkdir(parents=True, exist_ok=True)
     train, test = data.mnist()
