@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -677,3 +678,38 @@ def test_channel_scale_checks_its_vector() -> None:
     for bad in (torch.ones(2, 2), torch.tensor([1, 2]), [1.0, 2.0]):
         with pytest.raises(TypeError, match="scale"):
             ChannelScale(bad)
+
+
+def test_recipe_post_pruning_finetune_keeps_units_and_trains() -> None:
+    from bdlkit.experiments.sbp import QUICK, finetune_pruned, with_overrides
+
+    torch.manual_seed(0)
+    noisy = sbp.add_noise(LeNet500_300()).eval()
+    x = torch.randn(200, 1, 28, 28)
+    y = torch.randint(0, 10, (200,))
+    train = torch.utils.data.TensorDataset(x, y)
+    pruned = sbp.prune(noisy, 1.0, example_input=x[:4])
+    shapes = [p.shape for p in pruned.parameters()]
+
+    def loss(net: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(net(x), y))
+
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    assert finetune_pruned(pruned, QUICK["LeNet-500-300"], train, seed=0) == 0.0  # no key: no-op
+    assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in before.items())
+    cfg = with_overrides(QUICK["LeNet-500-300"], ["post_epochs=3", "post_lr=1e-3"])
+    runs = []
+    for _ in range(2):  # same seed, same result
+        net = copy.deepcopy(pruned)
+        assert finetune_pruned(net, cfg, train, seed=0) > 0
+        runs.append(net)
+    assert [p.shape for p in runs[0].parameters()] == shapes  # units fixed
+    assert loss(runs[0]) < loss(pruned) and not runs[0].training
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].parameters(), runs[1].parameters(),
+                                                 strict=True))
+    for bad, match in (({"post_epochs": -1}, "post_epochs"), ({"post_epochs": 1.5}, "post_epochs"),
+                       ({"post_epochs": 1}, "post_lr"), ({"post_epochs": 1, "post_lr": 0.0},
+                                                         "post_lr")):
+        with pytest.raises(ValueError, match=match):
+            finetune_pruned(copy.deepcopy(pruned), bad, train, seed=0)
