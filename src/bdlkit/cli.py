@@ -75,7 +75,14 @@ def _run(method: str, out: Path, quick: bool, seed: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bdlkit`` console script."""
+    """Entry point of the ``bdlkit`` console script; returns the exit status.
+
+    Example:
+        >>> main(["list"])  # doctest: +ELLIPSIS
+        baseline
+        ...
+        0
+    """
     args = _parser().parse_args(argv)
     if args.command == "list":
         print("\n".join(RECIPES))

@@ -31,7 +31,14 @@ def _train_and_score(model: torch.nn.Module, train, test, epochs: int, lr: float
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Train both baselines and write a reliability diagram; returns the report dict."""
+    """Train both baselines and write a reliability diagram; returns the report dict.
+
+    What ``bdlkit run baseline [--quick]`` calls; the CLI writes the report.
+
+    Example:
+        >>> report = run(Path("runs/baseline"), quick=True)  # doctest: +SKIP
+        >>> report["headline"]  # doctest: +SKIP
+    """
     epochs_lenet, epochs_vgg = (1, 1) if quick else (10, 15)
     mnist_train, mnist_test = data.mnist()
     fmnist_train, fmnist_test = data.fashion_mnist()

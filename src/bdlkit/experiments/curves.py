@@ -35,7 +35,14 @@ def _train_endpoint(train_ds, epochs: int, lr: float, wd: float, seed: int,
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Train endpoints and curves, evaluate along t; writes the plots into ``out_dir``."""
+    """Train endpoints and curves, evaluate along t; writes the plots into ``out_dir``.
+
+    What ``bdlkit run curves [--quick]`` calls; the CLI writes the report.
+
+    Example:
+        >>> report = run(Path("runs/curves"), quick=True)  # doctest: +SKIP
+        >>> report["headline"]  # doctest: +SKIP
+    """
     out_dir = Path(out_dir)
     train_full, test_ds = data.fashion_mnist()
     # (train size, endpoint epochs, Bezier epochs, PolyChain epochs, #t, #t PolyChain, #test)

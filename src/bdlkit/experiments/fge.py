@@ -75,7 +75,14 @@ def _train(train_ds, epochs: int, lr: float, wd: float, seed: int, batch_size: i
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the FGE comparison; writes ``reliability.png`` and ``fge_lr.png``."""
+    """Run the FGE comparison; writes ``reliability.png`` and ``fge_lr.png``.
+
+    What ``bdlkit run fge [--quick]`` calls; the CLI writes the report.
+
+    Example:
+        >>> report = run(Path("runs/fge"), quick=True)  # doctest: +SKIP
+        >>> report["headline"]  # doctest: +SKIP
+    """
     out_dir = Path(out_dir)
     train_ds, test_ds = data.fashion_mnist()
     if quick:

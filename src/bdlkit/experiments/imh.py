@@ -72,6 +72,12 @@ def hist_tv(x: torch.Tensor, width: float = 0.1, lo: float = -5.5, hi: float = 5
     """TV distance between the histogram of ``x`` and the exact target bin probabilities.
 
     Everything outside ``[lo, hi]^2`` is one extra bin.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> exact = grid_means().repeat(400, 1) + STD * torch.randn(10000, 2, generator=g)
+        >>> hist_tv(exact, width=0.5, lo=-5.25, hi=5.25) < 0.05
+        True
     """
     nb = int(round((hi - lo) / width))
     P = _target_bin_probs(lo, width, nb).reshape(-1)
@@ -89,7 +95,15 @@ def hist_tv(x: torch.Tensor, width: float = 0.1, lo: float = -5.5, hi: float = 5
 
 
 def grid_metrics(x: torch.Tensor) -> dict[str, float]:
-    """% high quality (within 4 std of a mode), modes covered, fine and coarse histogram TV."""
+    """% high quality (within 4 std of a mode), modes covered, fine and coarse histogram TV.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = grid_means().repeat(40, 1) + STD * torch.randn(1000, 2, generator=g)
+        >>> m = grid_metrics(x)
+        >>> m["modes"], m["hq_pct"] > 99
+        (25, True)
+    """
     m = grid_means()
     d = torch.cdist(x.float(), m).min(1)
     hq = d.values < 4 * STD
@@ -320,7 +334,14 @@ def _run_mnist(out_dir: Path, quick: bool, seed: int) -> dict[str, Any]:
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run both experiments; returns the report dict (see module docstring)."""
+    """Run both experiments; returns the report dict (see module docstring).
+
+    What ``bdlkit run imh [--quick]`` calls; the CLI writes the report.
+
+    Example:
+        >>> report = run(Path("runs/imh"), quick=True)  # doctest: +SKIP
+        >>> report["headline"]  # doctest: +SKIP
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -98,7 +98,14 @@ def _log(msg: str) -> None:
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the recipe; returns the report dict (see module docstring)."""
+    """Run the recipe; returns the report dict (see module docstring).
+
+    What ``bdlkit run perforation [--quick]`` calls; the CLI writes the report.
+
+    Example:
+        >>> report = run(Path("runs/perforation"), quick=True)  # doctest: +SKIP
+        >>> report["headline"]  # doctest: +SKIP
+    """
     cfg = QUICK if quick else FULL
     out_dir = Path(out_dir)
     t_start = time.perf_counter()

@@ -302,7 +302,14 @@ def select_on_validation(out_dir: Path, grid: list[tuple[float, float]] | None =
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Train, collect, evaluate the five methods; returns the report dict."""
+    """Train, collect, evaluate the five methods; returns the report dict.
+
+    What ``bdlkit run swag [--quick]`` calls; the CLI writes the report.
+
+    Example:
+        >>> report = run(Path("runs/swag"), quick=True)  # doctest: +SKIP
+        >>> report["headline"]  # doctest: +SKIP
+    """
     cfg = dict(QUICK if quick else FULL)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

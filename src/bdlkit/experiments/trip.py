@@ -104,13 +104,23 @@ def _prior_key(prior_name: str, cfg: dict[str, Any], key: str) -> str:
 
 
 def prior_lr_for(prior_name: str, cfg: dict[str, Any]) -> float:
-    """Adam learning rate of the prior: ``trip_prior_lr`` for TRIP when set, else ``prior_lr``."""
+    """Adam learning rate of the prior: ``trip_prior_lr`` for TRIP when set, else ``prior_lr``.
+
+    Example:
+        >>> prior_lr_for("trip", VAE_FULL), prior_lr_for("gmm", VAE_FULL)
+        (0.1, 0.03)
+    """
     return float(cfg[_prior_key(prior_name, cfg, "prior_lr")])
 
 
 def prior_init_epoch_for(prior_name: str, cfg: dict[str, Any]) -> int | None:
     """Epoch of the prior re-fit: ``trip_prior_init_epoch`` for TRIP when set, else
-    ``prior_init_epoch``."""
+    ``prior_init_epoch``.
+
+    Example:
+        >>> prior_init_epoch_for("trip", VAE_FULL), prior_init_epoch_for("gmm", VAE_FULL)
+        (3, 2)
+    """
     value = cfg.get(_prior_key(prior_name, cfg, "prior_init_epoch"))
     return None if value is None else int(value)
 
@@ -134,7 +144,11 @@ def _relevant(cfg: dict[str, Any], prior_name: str) -> dict[str, Any]:
 
 def vae_run(out_dir: Path, prior_name: str, seed: int, cfg: dict[str, Any],
             log: Any = None) -> dict[str, Any]:
-    """Train and evaluate one VAE; cached in ``out_dir/vae_<prior>_s<seed>.json``."""
+    """Train and evaluate one VAE; cached in ``out_dir/vae_<prior>_s<seed>.json``.
+
+    Example:
+        >>> r = vae_run(Path("runs/trip"), "trip", seed=0, cfg=VAE_QUICK)  # doctest: +SKIP
+    """
     out_dir = Path(out_dir)
     path = out_dir / f"vae_{prior_name}_s{seed}.json"
     if path.is_file():
@@ -260,6 +274,9 @@ def gan_run(out_dir: Path, prior_name: str, seed: int, cfg: dict[str, Any],
     """Train one MNIST GAN with a ``normal`` or REINFORCE-trained ``trip`` prior; MNIST-FID.
 
     Cached in ``out_dir/gan_<prior>_s<seed>.json``; writes ``gan_samples_<prior>.png``.
+
+    Example:
+        >>> r = gan_run(Path("runs/trip"), "trip", seed=0, cfg=GAN_QUICK)  # doctest: +SKIP
     """
     from ..generative.gan import ReinforcePriorStep, generate, mnist_gan, train_gan
     from ..metrics import MNISTFeatures, mnist_fid
@@ -331,7 +348,14 @@ def _gan_part(out_dir: Path, quick: bool, seed: int, log: Any) -> dict[str, Any]
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, parts: tuple[str, ...] = ("vae", "gan"),
         ) -> dict[str, Any]:
-    """Run the TRIP recipe; returns the report dict (see ``docs/CORE_API.md``)."""
+    """Run the TRIP recipe; returns the report dict (see ``docs/CORE_API.md``).
+
+    What ``bdlkit run trip [--quick]`` calls; the CLI writes the report.
+
+    Example:
+        >>> report = run(Path("runs/trip"), quick=True)  # doctest: +SKIP
+        >>> report["headline"]  # doctest: +SKIP
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
