@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bdlkit.compress.speed import measure_speedup
+from bdlkit.experiments.sbp import load_network
 
 
 class StridedMax2x2(nn.Module):
@@ -68,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    orig, pruned = (torch.load(args.folder / f"lenet5_{k}.pt", weights_only=False).eval()
+    orig, pruned = (load_network(args.folder / f"lenet5_{k}.pt")
                     for k in ("pretrained", "pruned"))
     x = torch.randn(100, 1, 28, 28)
     fast_o, fast_p = swap_pools(orig), swap_pools(pruned)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bdlkit.compress.speed import measure_speedup
+from bdlkit.experiments.sbp import load_network
 
 NETS = {"LeNet-500-300": "lenet500_300", "LeNet5-Caffe": "lenet5"}
 
@@ -41,7 +42,7 @@ def main() -> None:
         if not all(p.is_file() for p in paths):
             print(f"{name}: saved models not found in {args.folder}, skipped")
             continue
-        original, pruned = (torch.load(p, weights_only=False) for p in paths)
+        original, pruned = (load_network(p) for p in paths)
         r = measure_speedup(original, pruned, (1, 28, 28), batch_sizes=tuple(args.batches),
                             threads=tuple(args.threads), repeats=args.repeats)
         report["nets"][name] = r

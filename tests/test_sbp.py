@@ -713,3 +713,28 @@ def test_recipe_post_pruning_finetune_keeps_units_and_trains() -> None:
                                                          "post_lr")):
         with pytest.raises(ValueError, match=match):
             finetune_pruned(copy.deepcopy(pruned), bad, train, seed=0)
+
+
+def test_recipe_load_network_round_trip_and_refuses_other_code(tmp_path) -> None:  # noqa: ANN001
+    import pickle
+
+    from bdlkit.experiments.sbp import load_network
+
+    torch.manual_seed(0)
+    net = LeNet5()
+    noisy = sbp.add_noise(LeNet5()).eval()
+    x = torch.randn(4, 1, 28, 28)
+    pruned = sbp.prune(noisy, 1.0, example_input=x)
+    for name, model in (("pre.pt", net), ("pruned.pt", pruned)):
+        torch.save(model, tmp_path / name)
+        loaded = load_network(tmp_path / name)
+        assert not loaded.training
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model.eval()(x))
+    other = nn.Sequential(nn.Linear(2, 2), nn.Tanh())  # Tanh is not on the allow-list
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_network(tmp_path / "other.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "dict.pt")
+    with pytest.raises(TypeError, match="nn.Module"):
+        load_network(tmp_path / "dict.pt")

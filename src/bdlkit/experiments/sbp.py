@@ -432,6 +432,29 @@ def _finish(res: dict[str, Any], test: Any, repeats: int, out_dir: Path,
     return out
 
 
+# Every class the recipe's saved networks may contain (pretrained LeNets and their pruned
+# Sequentials), so that they load with weights_only=True: no arbitrary code is unpickled.
+_SAVED_CLASSES = [LeNet5, LeNet500_300, sbp.IndexSelect, sbp.ChannelScale, sbp.PositionBias,
+                  torch.nn.Sequential, torch.nn.Conv2d, torch.nn.Linear, torch.nn.ReLU,
+                  torch.nn.MaxPool2d, torch.nn.Flatten]
+
+
+def load_network(path: str | Path) -> torch.nn.Module:
+    """Load a network saved by :func:`run` (``<net>_pretrained.pt`` / ``<net>_pruned.pt``).
+
+    Uses ``torch.load(weights_only=True)`` with only the layer classes these networks are made
+    of allowed, so a file holding anything else is refused instead of unpickled.
+
+    Example:
+        >>> pruned = load_network("runs/sbp/lenet5_pruned.pt")  # doctest: +SKIP
+    """
+    with torch.serialization.safe_globals(_SAVED_CLASSES):
+        model = torch.load(path, weights_only=True)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{path} does not hold an nn.Module but a {type(model).__name__}")
+    return model.eval()
+
+
 def _lr_overrides(cfg: dict[str, Any]) -> str:
     """The optional per-layer μ / log σ rates of ``cfg``, for the report's notes."""
     parts = [f"{label} {cfg[key]}" for key, label in (("sbp_lr_first", "first SBP layer"),
