@@ -63,7 +63,7 @@ def base(work: Path) -> None:
 
 def _load(work: Path, epoch: int) -> torch.nn.Module:
     m = VGGSmall().to(memory_format=torch.channels_last)
-    m.load_state_dict(torch.load(work / f"ckpt_{epoch}.pt"))
+    m.load_state_dict(torch.load(work / f"ckpt_{epoch}.pt", weights_only=True))
     return m.eval()
 
 
