@@ -70,7 +70,8 @@ def main() -> None:
                    prior_lr=prior_lr_for(args.prior, cfg),
                    batch_size=cfg["batch_size"],
                    prior_init_epoch=prior_init_epoch_for(args.prior, cfg), seed=args.seed,
-                   log=lambda m: print(f"[{args.prior} {args.set}] {m}", flush=True))
+                   log=lambda m: print(f"[{args.prior} {args.set}] {m}", flush=True),
+                   lr_schedule=cfg["lr_schedule"])
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     metrics = evaluate_vae(vae, val_x, k=args.k, seed=args.seed)

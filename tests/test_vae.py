@@ -164,3 +164,28 @@ def test_bad_inputs():
         GaussianMixturePrior(3, 2).log_prob(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="n_components"):
         GaussianMixturePrior(3, 0)
+
+
+def test_fit_vae_cosine_schedule_shrinks_the_last_steps():
+    torch.manual_seed(0)
+    protos = (torch.rand(4, 36) > 0.5).float()
+    x = protos[torch.randint(0, 4, (256,))] * 0.9 + 0.05
+
+    def epoch_moves(schedule: str) -> list[float]:
+        torch.manual_seed(0)
+        vae = VAE(2, TRIP(2, 3, 2), hidden=(32,), data_dim=36)
+        snaps = [torch.cat([p.detach().flatten().clone() for p in vae.parameters()])]
+
+        def log(_: str) -> None:
+            snaps.append(torch.cat([p.detach().flatten().clone() for p in vae.parameters()]))
+
+        fit_vae(vae, x, epochs=4, lr=3e-3, prior_lr=3e-2, batch_size=32, seed=5,
+                prior_init_epoch=None, log=log, lr_schedule=schedule)
+        return [float((b - a).norm()) for a, b in zip(snaps, snaps[1:], strict=False)]
+
+    const, cos = epoch_moves("constant"), epoch_moves("cosine")
+    assert const[0] == pytest.approx(cos[0], rel=0.1)  # nearly full rate in the first epoch
+    # the last epoch runs at <= 15 % of the rate (cosine over its last quarter), Adam steps scale
+    assert cos[-1] < 0.25 * const[-1]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        fit_vae(VAE(2, hidden=(8,), data_dim=36), x, epochs=1, lr_schedule="linear")

@@ -54,6 +54,7 @@ VAE_FULL: dict[str, Any] = {
     "trip_rank": 20,
     "trip_cluster_init": True,
     "trip_prior_lr": 1e-1,  # validated 3e-2 / 1e-1 at 10 epochs
+    "lr_schedule": "constant",  # every rate fixed ("cosine": all decay to 0; fit_vae)
     "train_points": 60000,
     "iw_k": 1000,
     "iw_test_points": 500,
@@ -163,7 +164,8 @@ def vae_run(out_dir: Path, prior_name: str, seed: int, cfg: dict[str, Any],
     hist = fit_vae(vae, train_x, cfg["epochs"], lr=cfg["lr"],
                    prior_lr=prior_lr_for(prior_name, cfg),
                    batch_size=cfg["batch_size"],
-                   prior_init_epoch=prior_init_epoch_for(prior_name, cfg), seed=seed, log=log)
+                   prior_init_epoch=prior_init_epoch_for(prior_name, cfg), seed=seed, log=log,
+                   lr_schedule=cfg.get("lr_schedule", "constant"))
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     metrics = evaluate_vae(vae, _test_subset(test_x, cfg["iw_test_points"]), k=cfg["iw_k"],
