@@ -368,3 +368,39 @@ def test_swa_scheduler_per_batch_matches_function():
         sched.step()
     with pytest.raises(ValueError, match="steps_per_epoch"):
         swa_scheduler(opt, swa_start=4, swa_lr=0.01, steps_per_epoch=0)
+
+
+def test_predict_uncertainty_matches_a_per_draw_reference() -> None:
+    import copy as _copy
+
+    from bdlkit.weights import assign_params
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    swag = SWAG(net, max_rank=5)
+    for _ in range(8):  # spread-out iterates, so the draws disagree
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        swag.collect(net)
+    batches = [torch.randn(5, 3), torch.randn(7, 3)]
+    u = swag.predict_uncertainty(batches, n_samples=6, scale=0.5, seed=3)
+    torch.testing.assert_close(u["probs"], swag.predict(batches, n_samples=6, scale=0.5, seed=3))
+    assert not any(t.requires_grad for t in u.values())
+    gen = torch.Generator().manual_seed(3)  # the same draws, one network at a time
+    work, per_draw = _copy.deepcopy(net), []
+    for _ in range(6):
+        assign_params(work, swag.sample_vector(scale=0.5, cov=True, generator=gen))
+        with torch.no_grad():
+            per_draw.append(torch.cat([torch.softmax(work(b), -1) for b in batches]))
+    stack = torch.stack(per_draw)
+    ent = -(stack * stack.log()).sum(-1)
+    mean = stack.mean(0)
+    torch.testing.assert_close(u["aleatoric"], ent.mean(0))
+    torch.testing.assert_close(u["total"], -(mean * mean.log()).sum(-1))
+    torch.testing.assert_close(u["total"], u["aleatoric"] + u["epistemic"])
+    assert bool((u["epistemic"] > 1e-4).all())  # the draws disagree
+    swa = swag.predict_uncertainty(batches, n_samples=3, scale=0.0, seed=0)  # identical draws
+    assert float(swa["epistemic"].abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="n_samples"):
+        swag.predict_uncertainty(batches, n_samples=0)
