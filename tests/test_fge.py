@@ -102,6 +102,28 @@ def test_ensemble_is_mean_of_softmaxes():
         Ensemble([nn.Linear(2, 2), "x"])  # type: ignore[list-item]
 
 
+def test_ensemble_predict_uncertainty_splits_the_entropy():
+    torch.manual_seed(0)
+    members = [nn.Linear(4, 3) for _ in range(3)]
+    ens = Ensemble(members)
+    x = torch.randn(7, 4)
+    loader = [(x[:4], torch.zeros(4, dtype=torch.long)), (x[4:], torch.ones(3, dtype=torch.long))]
+    u = ens.predict_uncertainty(loader)
+    each = torch.stack([F.softmax(m(x), -1) for m in members]).detach()
+    mean = each.mean(0)
+    torch.testing.assert_close(u["probs"], ens.predict(loader))
+    torch.testing.assert_close(u["total"], -(mean * mean.log()).sum(-1))
+    torch.testing.assert_close(u["aleatoric"], -(each * each.log()).sum(-1).mean(0))
+    torch.testing.assert_close(u["epistemic"], u["total"] - u["aleatoric"])
+    assert bool((u["epistemic"] > 0).all())  # different members disagree
+    same = Ensemble([members[0], members[0]]).predict_uncertainty(loader)
+    assert float(same["epistemic"].max()) < 1e-6  # identical members: no epistemic part
+    with pytest.raises(ValueError, match="no members"):
+        Ensemble().predict_uncertainty(loader)
+    with pytest.raises(ValueError, match="no batches"):
+        ens.predict_uncertainty([])
+
+
 def test_ensemble_predict_refreshes_bn_and_restores_mode():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
