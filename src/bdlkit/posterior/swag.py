@@ -351,7 +351,8 @@ class SWAG:
         ``epistemic = total - aleatoric``, the mutual information between the prediction and
         the weights (>= 0; zero when all draws agree). The epistemic part is the usual
         Bayesian out-of-distribution score; it costs one entropy per draw, no extra memory.
-        Arguments and draws are those of :meth:`predict` (same ``seed``, same ``probs``).
+        Arguments and draws are those of :meth:`predict` (same ``seed``, same ``probs``); the
+        model must return ``(N, C)`` logits.
 
         Example:
             >>> net = nn.Linear(2, 3); swag = SWAG(net); swag.collect(net)
