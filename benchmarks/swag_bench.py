@@ -143,6 +143,9 @@ def run_model(label: str, widths: tuple[int, ...], args, TUSWAG) -> dict:
     def bdlkit_predict() -> None:
         swag.predict(test, n_samples=n_s, bn_loader=bn_data, seed=0)
 
+    def bdlkit_predict_uncertainty() -> None:  # + per-draw entropies (mutual information)
+        swag.predict_uncertainty(test, n_samples=n_s, bn_loader=bn_data, seed=0)
+
     def averaged_predict() -> None:  # SWA path: one model, update_bn + pass (per "sample")
         for _ in range(n_s):
             update_bn(bn_data, avg.module)
@@ -162,8 +165,9 @@ def run_model(label: str, widths: tuple[int, ...], args, TUSWAG) -> dict:
         model.train()
         tu_model.train()
 
-    pvariants = {"predict bdlkit.SWAG": bdlkit_predict, "predict AveragedModel (SWA)":
-                 averaged_predict}
+    pvariants = {"predict bdlkit.SWAG": bdlkit_predict,
+                 "predict_uncertainty bdlkit.SWAG": bdlkit_predict_uncertainty,
+                 "predict AveragedModel (SWA)": averaged_predict}
     if tu is not None:
         pvariants["predict torch-uncertainty SWAG"] = tu_predict
     ptimes: dict[str, list[float]] = {k: [] for k in pvariants}
