@@ -279,7 +279,8 @@ class Ensemble(nn.Module):
         Returns ``{"probs", "total", "aleatoric", "epistemic"}``: ``total`` is the entropy of
         the mean softmax, ``aleatoric`` the members' mean entropy, and ``epistemic = total -
         aleatoric`` the mutual information (>= 0; zero when the members agree), the usual
-        ensemble out-of-distribution score. Same arguments as :meth:`predict`.
+        ensemble out-of-distribution score. ``bn_loader`` / ``num_bn_batches`` as in
+        :meth:`predict`.
 
         Example:
             >>> ens = Ensemble([nn.Linear(4, 3), nn.Linear(4, 3)])
