@@ -41,13 +41,13 @@ def _split(work: Path) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
 
 
-def base(work: Path) -> None:
+def base(work: Path, seed: int = 0) -> None:
     """Train the validation base run and save checkpoints after epochs 6-10."""
     train_ds, _ = _split(work)
-    seed_everything(0)
+    seed_everything(seed)
     model = VGGSmall().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    dl = data.loader(train_ds, 128, shuffle=True, seed=0)
+    dl = data.loader(train_ds, 128, shuffle=True, seed=seed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, garipov_schedule(10 * len(dl)))
     t0 = time.perf_counter()
 
@@ -101,21 +101,37 @@ def fge(work: Path, branch: int, cycle_passes: float, lr_1: float, lr_2: float, 
               "ens+start", _score((mean_s, labels)), flush=True)
 
 
+def pair(work: Path, other: Path) -> None:
+    """Validation scores of the two 10-epoch base runs in ``work`` and ``other`` and of their
+    2-model ensemble (the recipe's "2 independent models" reference)."""
+    _, val_ds = _split(work)
+    val_dl = data.loader(val_ds, 1000)
+    a, b = (predict_proba(_load(w, 10), val_dl) for w in (work, other))
+    print("model A", _score(a), "model B", _score(b), flush=True)
+    print("2 models", _score(((a[0] + b[0]) / 2, a[1])), flush=True)
+
+
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["base", "fge"])
+    parser.add_argument("step", choices=["base", "fge", "pair"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/fge_validate"))
     parser.add_argument("--branch", type=int, default=8)
     parser.add_argument("--cycle-passes", type=float, default=2.0)
     parser.add_argument("--lr-1", type=float, default=0.05)
     parser.add_argument("--lr-2", type=float, default=5e-4)
     parser.add_argument("--snapshots", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="base: training seed")
+    parser.add_argument("--other", type=Path, help="pair: work dir of the second base run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.step == "base":
-        base(args.work)
+        base(args.work, args.seed)
+    elif args.step == "pair":
+        if args.other is None:
+            parser.error("pair needs --other")
+        pair(args.work, args.other)
     else:
         fge(args.work, args.branch, args.cycle_passes, args.lr_1, args.lr_2, args.snapshots)
 
