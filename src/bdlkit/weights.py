@@ -70,7 +70,7 @@ def assign_params(
     The length is checked before anything is written, so a bad vector leaves the module intact.
 
     Example:
-        >>> m = nn.Linear(2, 3); assign_params(m, torch.zeros(9)); float(m.weight.abs().sum())
+        >>> m = nn.Linear(2, 3); assign_params(m, torch.zeros(9)); m.weight.abs().sum().item()
         0.0
     """
     params = _params(module_or_params)
