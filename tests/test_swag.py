@@ -371,10 +371,6 @@ def test_swa_scheduler_per_batch_matches_function():
 
 
 def test_predict_uncertainty_matches_a_per_draw_reference() -> None:
-    import copy as _copy
-
-    from bdlkit.weights import assign_params
-
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
     swag = SWAG(net, max_rank=5)
@@ -388,7 +384,7 @@ def test_predict_uncertainty_matches_a_per_draw_reference() -> None:
     torch.testing.assert_close(u["probs"], swag.predict(batches, n_samples=6, scale=0.5, seed=3))
     assert not any(t.requires_grad for t in u.values())
     gen = torch.Generator().manual_seed(3)  # the same draws, one network at a time
-    work, per_draw = _copy.deepcopy(net), []
+    work, per_draw = copy.deepcopy(net), []
     for _ in range(6):
         assign_params(work, swag.sample_vector(scale=0.5, cov=True, generator=gen))
         with torch.no_grad():
