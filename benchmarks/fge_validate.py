@@ -2,11 +2,13 @@
 
 The 60k training images are split (fixed permutation, seed 12345) into 55k for training and
 5k for validation; the test set is never touched. ``base`` trains one VGGSmall exactly as the
-``fge`` recipe does (seed 0, 10 epochs, SGD lr 0.05 with Garipov's schedule) and saves its
-weights after epochs 6-10. ``fge`` runs FGE from one of those checkpoints and prints the
-validation accuracy / NLL / ECE of the single model (epoch 10), the branch-point model, every
-snapshot and the ensembles of the first k snapshots (with and without the branch model), with
-the cost in passes relative to the 10-epoch run.
+``fge`` recipe does (seed 0, ``--epochs`` epochs, default 10, SGD lr 0.05 with Garipov's
+schedule) and saves its weights after the last 40 % of the epochs (6-10 of 10). ``fge`` runs FGE
+from one of those checkpoints and prints the validation accuracy / NLL / ECE of the single model
+(last epoch), the branch-point model, every snapshot and the ensembles of the first k snapshots
+(with and without the branch model), with the cost in passes relative to one full run. ``pair``
+scores the 2-model ensemble of two base runs (the recipe's "2 independent models"). Pass the
+same ``--epochs`` to every step of one study.
 
 Usage (one heavy process at a time on the shared machine)::
 
@@ -41,23 +43,24 @@ def _split(work: Path) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
 
 
-def base(work: Path, seed: int = 0) -> None:
-    """Train the validation base run and save checkpoints after epochs 6-10."""
+def base(work: Path, seed: int = 0, epochs: int = 10) -> None:
+    """Train the validation base run and save checkpoints after the last 40 % of its epochs."""
     train_ds, _ = _split(work)
     seed_everything(seed)
     model = VGGSmall().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     dl = data.loader(train_ds, 128, shuffle=True, seed=seed)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, garipov_schedule(10 * len(dl)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, garipov_schedule(epochs * len(dl)))
+    first_kept = epochs - (4 * epochs) // 10
     t0 = time.perf_counter()
 
     class _Save:
         def on_epoch_end(self, net: torch.nn.Module, epoch: int) -> None:
             print(f"epoch {epoch + 1} done at {time.perf_counter() - t0:.0f}s", flush=True)
-            if epoch + 1 >= 6:
+            if epoch + 1 >= first_kept:
                 torch.save(net.state_dict(), work / f"ckpt_{epoch + 1}.pt")
 
-    fit(model, dl, 10, opt, sched, scheduler_step="batch", quiet=True, callbacks=[_Save()])
+    fit(model, dl, epochs, opt, sched, scheduler_step="batch", quiet=True, callbacks=[_Save()])
     print("done", time.perf_counter() - t0, flush=True)
 
 
@@ -72,11 +75,12 @@ def _score(p: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float, float]:
     return round(m["accuracy"], 4), round(m["nll"], 4), round(m["ece"], 4)
 
 
-def fge(work: Path, branch: int, cycle_passes: float, lr_1: float, lr_2: float, n: int) -> None:
-    """FGE from the epoch-``branch`` checkpoint, scored on the validation split."""
+def fge(work: Path, branch: int, cycle_passes: float, lr_1: float, lr_2: float, n: int,
+        epochs: int = 10) -> None:
+    """FGE from the epoch-``branch`` checkpoint of an ``epochs``-epoch base run, on validation."""
     train_ds, val_ds = _split(work)
     val_dl = data.loader(val_ds, 1000)
-    print("single(10ep)", _score(predict_proba(_load(work, 10), val_dl)), flush=True)
+    print(f"single({epochs}ep)", _score(predict_proba(_load(work, epochs), val_dl)), flush=True)
     start = _load(work, branch)
     print(f"start(ckpt {branch})", _score(predict_proba(start, val_dl)), flush=True)
     seed_everything(1)
@@ -97,16 +101,16 @@ def fge(work: Path, branch: int, cycle_passes: float, lr_1: float, lr_2: float, 
         passes = branch + (cycle_passes / 2 + (k - 1) * cycle_passes) * spe * units / len(dl)
         mean = torch.stack([q[0] for q in probs[:k]]).mean(0)
         mean_s = torch.stack([ps[0]] + [q[0] for q in probs[:k]]).mean(0)
-        print(f"k={k} cost={passes / 10:.3f}x ens", _score((mean, labels)),
+        print(f"k={k} cost={passes / epochs:.3f}x ens", _score((mean, labels)),
               "ens+start", _score((mean_s, labels)), flush=True)
 
 
-def pair(work: Path, other: Path) -> None:
-    """Validation scores of the two 10-epoch base runs in ``work`` and ``other`` and of their
-    2-model ensemble (the recipe's "2 independent models" reference)."""
+def pair(work: Path, other: Path, epochs: int = 10) -> None:
+    """Validation scores of the two ``epochs``-epoch base runs in ``work`` and ``other`` and of
+    their 2-model ensemble (the recipe's "2 independent models" reference)."""
     _, val_ds = _split(work)
     val_dl = data.loader(val_ds, 1000)
-    a, b = (predict_proba(_load(w, 10), val_dl) for w in (work, other))
+    a, b = (predict_proba(_load(w, epochs), val_dl) for w in (work, other))
     print("model A", _score(a), "model B", _score(b), flush=True)
     print("2 models", _score(((a[0] + b[0]) / 2, a[1])), flush=True)
 
@@ -122,18 +126,20 @@ def main() -> None:
     parser.add_argument("--lr-2", type=float, default=5e-4)
     parser.add_argument("--snapshots", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="base: training seed")
+    parser.add_argument("--epochs", type=int, default=10, help="length of the base run")
     parser.add_argument("--other", type=Path, help="pair: work dir of the second base run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.step == "base":
-        base(args.work, args.seed)
+        base(args.work, args.seed, args.epochs)
     elif args.step == "pair":
         if args.other is None:
             parser.error("pair needs --other")
-        pair(args.work, args.other)
+        pair(args.work, args.other, args.epochs)
     else:
-        fge(args.work, args.branch, args.cycle_passes, args.lr_1, args.lr_2, args.snapshots)
+        fge(args.work, args.branch, args.cycle_passes, args.lr_1, args.lr_2, args.snapshots,
+            args.epochs)
 
 
 if __name__ == "__main__":
