@@ -66,6 +66,30 @@ def test_cli_unknown_method_exit_code_2(capsys):
     assert "unknown method 'nonsense'" in err and "baseline" in err and len(err.splitlines()) == 1
 
 
+def test_cli_rejects_bad_threads(capsys):
+    assert cli.main(["run", "baseline", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_records_environment_and_restores_threads(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_recipe(name, out, quick, seed):  # stands in for a recipe's training
+        seen["threads"] = torch.get_num_threads()
+        return {"title": name, "tables": []}
+
+    monkeypatch.setattr(cli, "run_recipe", fake_recipe)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    assert cli.main(["run", "baseline", "--quick", "--out", str(tmp_path),
+                     "--threads", str(want)]) == 0
+    assert seen["threads"] == want and torch.get_num_threads() == before
+    env = json.loads((tmp_path / "baseline" / "result.json").read_text())["environment"]
+    assert env["threads"] == want and env["torch"] == torch.__version__
+    assert set(env) >= {"bdlkit", "python", "malloc_tuned", "started_utc"}
+    assert f"{want} thread(s)" in (tmp_path / "report.md").read_text()
+
+
 def test_cli_help_runs():
     out = subprocess.run([sys.executable, "-m", "bdlkit", "--help"], capture_output=True,
                          text=True, check=True).stdout

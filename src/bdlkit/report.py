@@ -38,6 +38,9 @@ def _section(name: str, result: dict[str, Any]) -> list[str]:
         meta.append(f"wall time {result['wall_time_s']:.0f} s")
     if "config" in result and "quick" in result["config"]:
         meta.append("quick mode" if result["config"]["quick"] else "full mode")
+    env = result.get("environment", {})
+    if "threads" in env and "torch" in env:
+        meta.append(f"torch {env['torch']}, {env['threads']} thread(s)")
     lines += ["_" + ", ".join(meta) + "_", ""]
     if result.get("error"):
         lines += [f"**Failed:** `{result['error']}`", ""]
