@@ -44,3 +44,44 @@ def test_refresh_errors():
         refresh_bn(net, [{"weird": torch.randn(4, 3)}])
     assert not has_batchnorm(nn.Linear(2, 2))
     refresh_bn(nn.Linear(2, 2), [])  # nothing to do, no error
+
+
+def _stats(bn):
+    return bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)
+
+
+def test_failed_refresh_leaves_statistics_unchanged():
+    net = _net()
+    net(torch.randn(16, 3) * 3 + 5)  # training-mode pass: non-default statistics
+    before = _stats(net[1])
+    for bad_loader, error in (([], ValueError), ([{"foo": torch.randn(4, 3)}], TypeError)):
+        with pytest.raises(error):
+            refresh_bn(net, bad_loader)
+        after = _stats(net[1])
+        assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+        assert after[2] == before[2] and net[1].momentum == 0.1
+
+
+def test_untracked_batchnorm_is_left_alone_and_tracked_ones_refreshed():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4),
+                        nn.BatchNorm1d(4, track_running_stats=False))
+    refresh_bn(net, [torch.randn(8, 3) * 2 + 3])
+    assert int(net[1].num_batches_tracked) == 1 and net[1].running_mean.abs().sum() > 0
+    assert not has_batchnorm(nn.BatchNorm1d(4, track_running_stats=False))
+    assert has_batchnorm(net)
+
+
+def test_refresh_restores_every_module_mode():
+    net = _net().train()
+    net[1].eval()  # a frozen BN while fine-tuning the rest
+    refresh_bn(net, [torch.randn(8, 3)])
+    assert net.training and not net[1].training and net[0].training
+
+
+def test_num_batches_draws_no_extra_batch():
+    net = _net()
+    it = iter([torch.randn(8, 3) for _ in range(5)])
+    refresh_bn(net, it, num_batches=2)
+    assert int(net[1].num_batches_tracked) == 2 and len(list(it)) == 3
+    with pytest.raises(TypeError, match="num_batches"):
+        refresh_bn(net, [torch.randn(8, 3)], num_batches=True)

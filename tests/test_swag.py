@@ -400,3 +400,27 @@ def test_predict_uncertainty_matches_a_per_draw_reference() -> None:
     assert float(swa["epistemic"].abs().max()) < 1e-5
     with pytest.raises(ValueError, match="n_samples"):
         swag.predict_uncertainty(batches, n_samples=0)
+
+
+def test_load_state_dict_rejects_bad_var_clamp_atomically():
+    net = nn.Linear(3, 2)
+    a = SWAG(net, max_rank=2)
+    a.collect(net)
+    b = SWAG(net, max_rank=2)
+    for bad in ("oops", -1.0, float("nan"), True):
+        state = a.state_dict()
+        state["var_clamp"] = bad
+        with pytest.raises(ValueError, match="var_clamp"):
+            b.load_state_dict(state)
+        assert b.n_collected == 0 and not b._mean.any() and b.var_clamp == a.var_clamp
+
+
+def test_predict_with_untracked_batchnorm_needs_no_bn_loader():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False),
+                        nn.Linear(4, 2))
+    swag = SWAG(net, max_rank=2)
+    swag.collect(net)
+    x = torch.randn(8, 3)
+    probs = swag.predict([x], n_samples=2, seed=0)
+    assert probs.shape == (8, 2)
+    assert torch.allclose(swag.predict([x], n_samples=2, seed=0, bn_loader=[x]), probs)

@@ -81,6 +81,28 @@ def test_callback_collects_after_swa_start_like_manual_swag():
         SWAGCallback(swa_start=-1)
 
 
+class _LazyNet(_Net):
+    """Creates its layers in ``configure_model``, which Lightning calls after ``setup``."""
+
+    def __init__(self) -> None:
+        L.LightningModule.__init__(self)
+        self.net = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_callback_sees_layers_created_in_configure_model():
+    cb = SWAGCallback(swa_start=0, max_rank=2)
+    module = _LazyNet()
+    _trainer(2, [cb]).fit(module, _loader())
+    assert cb.swag.n_collected == 2
+    assert cb.swag.num_params == 4 * 8 + 8 + 8 * 3 + 3  # the layers made in configure_model
+    assert torch.equal(flatten_params(cb.swag.sample(scale=0.0)), cb.swag.mean)
+
+
 def test_callback_state_survives_checkpoint_resume(tmp_path):
     full = SWAGCallback(swa_start=1, max_rank=4)
     _trainer(5, [full]).fit(_Net(), _loader())

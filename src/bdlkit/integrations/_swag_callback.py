@@ -15,8 +15,9 @@ __all__ = ["SWAGCallback"]
 class SWAGCallback(Callback):
     """Collect SWAG moments at the end of every training epoch with index >= ``swa_start``.
 
-    The :class:`~bdlkit.posterior.swag.SWAG` object is built in ``setup`` from the
-    LightningModule and exposed as :attr:`swag`. Its state is stored in Lightning checkpoints
+    The :class:`~bdlkit.posterior.swag.SWAG` object is built in ``on_fit_start`` from the
+    LightningModule (after ``configure_model``, so layers created there are included) and
+    exposed as :attr:`swag`. Its state is stored in Lightning checkpoints
     (``state_dict``/``load_state_dict``), so ``trainer.fit(..., ckpt_path=...)`` resumes the
     collection where it stopped. Under ``strategy="ddp"`` every rank holds identical weights
     and therefore collects identical statistics; no communication is needed. The learning
@@ -62,7 +63,7 @@ class SWAGCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(swa_start=self.swa_start, max_rank=self.max_rank)
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.swag is None:
             self.swag = SWAG(pl_module, max_rank=self.max_rank, device=self.device,
                              dtype=self.dtype)
@@ -74,7 +75,7 @@ class SWAGCallback(Callback):
         epoch = trainer.current_epoch
         if epoch < self.swa_start or epoch == self._last_collected_epoch:
             return
-        assert self.swag is not None, "setup() was not called"
+        assert self.swag is not None, "on_fit_start() was not called"
         self.swag.collect(pl_module)
         self._last_collected_epoch = epoch
 

@@ -491,10 +491,14 @@ class SWAG:
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 raise ValueError(f"state[{name!r}] must be a tensor of shape {shape}")
             tensors[name] = t.to(device=self.device, dtype=self.dtype)
+        var_clamp = state["var_clamp"]
+        if isinstance(var_clamp, bool) or not isinstance(var_clamp, (int, float)) \
+                or not (math.isfinite(var_clamp) and var_clamp > 0):
+            raise ValueError(f"state['var_clamp'] must be a finite float > 0, got {var_clamp!r}")
         self._mean.copy_(tensors["mean"])
         self._sq_mean.copy_(tensors["sq_mean"])
         self._dev.copy_(tensors["deviations"])
-        self.var_clamp = float(state["var_clamp"])
+        self.var_clamp = float(var_clamp)
         self.n_collected, self._n_dev, self._next_row = n, n_dev, nxt
 
     @classmethod
