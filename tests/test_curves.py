@@ -219,3 +219,65 @@ def test_channels_last_and_state_dict_roundtrip():
     curve2.load_state_dict(curve.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(curve2(x, 0.3), curve(x, 0.3))
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(4, 6, bias=False)
+        self.dec = nn.Linear(6, 4, bias=False)
+        self.head = nn.Linear(6, 4, bias=False)
+        self.head.weight = self.dec.weight  # one tensor under two names
+
+    def forward(self, x):
+        h = torch.relu(self.emb(x))
+        return self.head(h) + self.dec(h)
+
+
+def test_tied_parameters_stay_tied_along_the_curve():
+    torch.manual_seed(0)
+    a, b = _Tied(), _Tied()
+    curve = Bezier(a, b).eval()
+    x = torch.randn(3, 4)
+    assert torch.equal(curve(x, 0.0), a(x)) and torch.equal(curve(x, 1.0), b(x))
+    mid = curve.model_at(0.5)
+    assert mid.head.weight is mid.dec.weight
+    assert torch.allclose(mid(x), curve(x, 0.5))
+    assert torch.equal(curve.model_at(0.0)(x), a(x))
+
+
+def test_model_at_follows_the_curve_dtype_and_frozen_parameters_stay_frozen():
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), nn.Sequential(nn.Linear(3, 3),
+                                                                           nn.Linear(3, 2))
+    for m in (a, b):
+        m[0].requires_grad_(False)
+    curve = Bezier(a, b)
+    assert [p.requires_grad for p in curve.bends[0]] == [False, False, True, True]
+    data = [(torch.randn(8, 3), torch.randint(0, 2, (8,))) for _ in range(3)]
+    frozen_before = curve.bends[0][0].detach().clone()
+    train_curve(curve, data, epochs=2, lr=0.1)
+    assert torch.equal(curve.bends[0][0], frozen_before)
+    mid = curve.double().model_at(0.5)
+    assert mid[0].weight.dtype == torch.float64 and not mid[0].weight.requires_grad
+    assert mid(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_weights_at_never_returns_the_stored_tensors():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    curve = Bezier(a, b)
+    with torch.no_grad():
+        curve.weights_at(0.0)["weight"].add_(1.0)
+    assert torch.equal(curve.model_at(0.0).weight, a.weight)
+
+
+def test_evaluate_path_ts_forms():
+    import numpy as np
+
+    c = linear_path(nn.Linear(4, 2), nn.Linear(4, 2))
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    assert evaluate_path(c, data, ts=np.int64(3))["t"] == [0.0, 0.5, 1.0]
+    assert evaluate_path(c, data, ts=np.array([0.0, 0.25], dtype=np.float32))["t"] == [0.0, 0.25]
+    for bad in (0.5, torch.tensor(0.5)):
+        with pytest.raises(TypeError, match="ts must be"):
+            evaluate_path(c, data, ts=bad)

@@ -276,3 +276,58 @@ def test_lightning_callback_schedule_and_snapshots(tmp_path):
                                       strict=True):
             assert ka == kb and torch.equal(va, vb)
 
+
+
+def test_submodule_modes_survive_predict_and_inplace_fge():
+    torch.manual_seed(0)
+    loader, x, _ = _toy_problem()
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    net[1].eval()  # a BatchNorm frozen while the rest fine-tunes
+    Ensemble([net]).predict([x])
+    assert net.training and not net[1].training
+    collect_fge(net, loader, num_snapshots=1, cycle=2, inplace=True)
+    assert net.training and not net[1].training
+
+
+def test_collect_fge_loses_no_batch_of_an_iterator():
+    loader, _, _ = _toy_problem()
+    seen = []
+
+    def stream():
+        for i in range(100):
+            seen.append(i)
+            yield loader[i % len(loader)]
+
+    it = stream()
+    collect_fge(nn.Linear(5, 3), it, num_snapshots=2, cycle=2, steps_per_epoch=3)
+    # Cycles of 2 epochs of 3 steps: snapshots after steps 3 and 9, so exactly 9 batches are
+    # drawn; none is fetched at an epoch boundary and dropped.
+    assert seen == list(range(9))
+
+
+def test_lightning_callback_counts_partial_accumulation_windows():
+    from types import SimpleNamespace
+
+    from bdlkit.integrations._fge_callback import FGECallback
+
+    trainer = SimpleNamespace(num_training_batches=10, accumulate_grad_batches=3)
+    assert FGECallback._steps_per_epoch(trainer) == 4  # steps after batches 3, 6, 9 and 10
+
+
+def test_lightning_callback_snapshot_keeps_the_live_model_modes():
+    from types import SimpleNamespace
+
+    from bdlkit.integrations._fge_callback import FGECallback
+
+    module = _LitNet()
+    module.net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    module.train()
+    module.net[1].eval()
+    cb = FGECallback(cycle=2, lr_1=0.05, lr_2=1e-3, attr="net")
+    trainer = SimpleNamespace(current_epoch=0, global_step=0, num_training_batches=2,
+                              accumulate_grad_batches=1, optimizers=[])
+    cb.on_train_batch_start(trainer, module, None, 0)
+    trainer.global_step = 2  # mid-cycle of a 2-epoch cycle of 2 steps per epoch
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert len(cb.snapshots) == 1 and not cb.snapshots[0].training
+    assert module.net.training and not module.net[1].training

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bdlkit._checks import check_positive_int
+from bdlkit._modes import kept_modes
 
 __all__ = ["refresh_bn", "has_batchnorm", "default_call"]
 
@@ -97,10 +98,18 @@ def refresh_bn(
     bns = _tracked_bns(model)
     if not bns:
         return model
+    saved_momentum = {bn: bn.momentum for bn in bns}
+    with kept_modes(model):
+        _refresh(model, bns, loader, num_batches, call, saved_momentum)
+    return model
+
+
+def _refresh(model: nn.Module, bns: list[nn.modules.batchnorm._BatchNorm], loader: Iterable[Any],
+             num_batches: int | None, call: Callable[[nn.Module, Any], Any],
+             saved_momentum: dict[nn.Module, float | None]) -> None:
+    """The body of :func:`refresh_bn`; on any failure the old statistics are put back."""
     saved_stats = {bn: (bn.running_mean.clone(), bn.running_var.clone(),
                         bn.num_batches_tracked.clone()) for bn in bns}
-    saved_momentum = {bn: bn.momentum for bn in bns}
-    saved_modes = {m: m.training for m in model.modules()}
     try:
         for bn in bns:
             bn.reset_running_stats()
@@ -128,9 +137,6 @@ def refresh_bn(
     finally:
         for bn in bns:
             bn.momentum = saved_momentum[bn]
-        for module, training in saved_modes.items():
-            module.training = training
-    return model
 
 
 def _all_reduce_stats(bns: list[nn.modules.batchnorm._BatchNorm]) -> None:

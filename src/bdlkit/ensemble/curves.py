@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +48,8 @@ def _check_t(t: Any) -> float:
         if t.numel() != 1:
             raise ValueError(f"t must be a scalar, got a tensor of shape {tuple(t.shape)}")
         t = t.item()
+    if isinstance(t, numbers.Real) and not isinstance(t, (int, float)):
+        t = float(t)  # numpy scalars
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"t must be a float in [0, 1], got {type(t).__name__}")
     t = float(t)
@@ -60,6 +63,23 @@ def _signature(module: nn.Module) -> tuple[Any, ...]:
     buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in module.named_buffers())
     kinds = tuple((n, type(m).__name__) for n, m in module.named_modules())
     return params, buffers, kinds
+
+
+def _aliases(module: nn.Module, kind: str) -> list[tuple[str, str]]:
+    """``(alias, canonical)`` names of tied parameters or buffers (``kind``)."""
+    named = getattr(module, f"named_{kind}")(remove_duplicate=False)
+    first: dict[int, str] = {}
+    out = []
+    for name, tensor in named:
+        canonical = first.setdefault(id(tensor), name)
+        if canonical != name:
+            out.append((name, canonical))
+    return out
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
 
 
 class Curve(nn.Module):
@@ -104,6 +124,11 @@ class Curve(nn.Module):
         self.num_bends = num_bends
         self._param_names = [n for n, _ in start.named_parameters()]
         self._buffer_names = [n for n, _ in start.named_buffers()]
+        # Tied tensors (one tensor under several names) stay tied in the template and in
+        # model_at; a parameter frozen in the endpoints stays frozen on the whole curve.
+        self._aliases = {"parameters": _aliases(start, "parameters"),
+                         "buffers": _aliases(start, "buffers")}
+        self._requires_grad = [p.requires_grad for p in start.parameters()]
         sp = [p.detach().clone() for p in start.parameters()]
         ep = [p.detach().clone() for _, p in end.named_parameters()]
         self.start_params = _TensorStore(sp)
@@ -116,14 +141,24 @@ class Curve(nn.Module):
             a = j / (num_bends - 1)
             bends.append(
                 nn.ParameterList(
-                    [nn.Parameter(torch.lerp(s, e, a)) for s, e in zip(sp, ep, strict=True)]
+                    [nn.Parameter(torch.lerp(s, e, a), requires_grad=g)
+                     for s, e, g in zip(sp, ep, self._requires_grad, strict=True)]
                 )
             )
         self.bends = nn.ModuleList(bends)
         # Architecture template on the meta device: it owns no data; every tensor it uses is
         # passed in through functional_call.
         base = copy.deepcopy(start).to("meta")
+        self._retie(base)  # .to() gives each alias its own tensor
         self.__dict__["_base"] = base  # not a registered submodule: no parameters, no buffers
+
+    def _retie(self, model: nn.Module) -> None:
+        for alias, canonical in self._aliases["parameters"]:
+            owner, attr = _owner(model, alias)
+            owner._parameters[attr] = model.get_parameter(canonical)
+        for alias, canonical in self._aliases["buffers"]:
+            owner, attr = _owner(model, alias)
+            owner._buffers[attr] = model.get_buffer(canonical)
 
     def coefficients(self, t: float) -> list[float]:
         """Weights of the ``num_bends`` control points at ``t`` (Python floats)."""
@@ -150,7 +185,7 @@ class Curve(nn.Module):
         for i, name in enumerate(self._param_names):
             pts = self._points(i)
             j0, c0 = nz[0]
-            w = pts[j0] if c0 == 1.0 else pts[j0] * c0
+            w = pts[j0].clone() if c0 == 1.0 else pts[j0] * c0  # never the stored tensor
             for j, c in nz[1:]:
                 w = w + pts[j] * c
             out[name] = w
@@ -204,12 +239,17 @@ class Curve(nn.Module):
         """
         weights = self.weights_at(t)
         buffers = self.buffers_at(t)
-        device = self._device()
-        model = copy.deepcopy(self._base).to_empty(device=device)
-        for name, p in model.named_parameters():
-            p.copy_(weights[name])
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
+        model = copy.deepcopy(self._base)  # on meta: only the structure is copied
+        # New tensors in the curve's own dtype and device (the template keeps the dtypes the
+        # endpoints had, which curve.double() does not change).
+        for name, grad in zip(self._param_names, self._requires_grad, strict=True):
+            owner, attr = _owner(model, name)
+            owner._parameters[attr] = nn.Parameter(weights[name].detach().clone(),
+                                                   requires_grad=grad)
+        for name in self._buffer_names:
+            owner, attr = _owner(model, name)
+            owner._buffers[attr] = buffers[name]
+        self._retie(model)
         return model.train(self.training)
 
     def extra_repr(self) -> str:
@@ -398,8 +438,14 @@ def evaluate_path(
     """
     if not isinstance(curve, Curve):
         raise TypeError(f"curve must be a Curve, got {type(curve).__name__}")
-    if isinstance(ts, bool):
-        raise TypeError("ts must be an int or a sequence of floats")
+    if isinstance(ts, numbers.Integral) and not isinstance(ts, bool):
+        ts = int(ts)  # numpy integers count too
+    elif hasattr(ts, "tolist") and not isinstance(ts, torch.Tensor):
+        ts = ts.tolist()  # numpy arrays (a 0-d one becomes a scalar and is refused below)
+    if isinstance(ts, bool) or not isinstance(ts, (int, Sequence, torch.Tensor)) \
+            or (isinstance(ts, torch.Tensor) and ts.dim() != 1):
+        raise TypeError("ts must be an int (a count) or a 1-D sequence / tensor of floats, got "
+                        f"{type(ts).__name__}")
     if isinstance(ts, int):
         if ts < 2:
             raise ValueError(f"ts must be >= 2 when given as a count, got {ts}")

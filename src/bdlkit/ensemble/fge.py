@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from bdlkit._checks import check_positive_int
+from bdlkit._modes import kept_modes
 from bdlkit.batchnorm import refresh_bn
 from bdlkit.metrics import predictive_entropy
 
@@ -314,14 +316,10 @@ class Ensemble(nn.Module):
     @contextlib.contextmanager
     def _members_in_eval(self) -> Iterator[None]:
         """Members in eval mode inside the block; their own train/eval flags restored after."""
-        was_training = [m.training for m in self.members]
-        for m in self.members:
-            m.eval()
-        try:
+        with kept_modes(*self.members):
+            for m in self.members:
+                m.eval()
             yield
-        finally:
-            for m, flag in zip(self.members, was_training, strict=True):
-                m.train(flag)
 
 
 def collect_fge(
@@ -369,39 +367,44 @@ def collect_fge(
     if momentum < 0 or weight_decay < 0:
         raise ValueError("momentum and weight_decay must be non-negative")
     net = model if inplace else copy.deepcopy(model)
-    device = _device_of(net)
     ensemble = Ensemble([copy.deepcopy(net).eval()] if include_start else [])
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
     optimizer = torch.optim.SGD(params, lr=lr_1, momentum=momentum, weight_decay=weight_decay)
     schedule = FGESchedule(optimizer, cycle, lr_1, lr_2, steps_per_epoch)
-    was_training = net.training
-    net.train()
-    try:
-        while len(ensemble) < num_snapshots + int(include_start):
-            n_batches = 0
-            for i, batch in enumerate(loader):
-                if i >= steps_per_epoch:
-                    break
-                x, y = _batch_input(batch), _batch_target(batch)
-                if y is None:
-                    raise ValueError("collect_fge needs (input, target) batches")
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(net(x.to(device)), y.to(device))
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                n_batches += 1
-                if schedule.should_snapshot:
-                    snap = copy.deepcopy(net)
-                    if bn_loader is not None:
-                        refresh_bn(snap, bn_loader, num_batches=num_bn_batches)
-                    ensemble.add(snap.eval())
-                    if len(ensemble) == num_snapshots + int(include_start):
-                        break
-            if n_batches == 0:
-                raise ValueError("loader yielded no batches")
-    finally:
-        net.train(was_training)
+    with kept_modes(net):
+        net.train()
+        _run_fge(net, loader, ensemble, num_snapshots + int(include_start), optimizer, schedule,
+                 loss_fn, steps_per_epoch, bn_loader, num_bn_batches)
     return ensemble
+
+
+def _run_fge(net: nn.Module, loader: Iterable[Any], ensemble: Ensemble, size: int,
+             optimizer: torch.optim.Optimizer, schedule: FGESchedule,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], steps_per_epoch: int,
+             bn_loader: Iterable[Any] | None, num_bn_batches: int | None) -> None:
+    """The training loop of :func:`collect_fge`: cycles until the ensemble has ``size`` members."""
+    device = _device_of(net)
+    while len(ensemble) < size:
+        n_batches = 0
+        # islice: no batch beyond steps_per_epoch is drawn (and lost) from an iterator.
+        for batch in itertools.islice(loader, steps_per_epoch):
+            x, y = _batch_input(batch), _batch_target(batch)
+            if y is None:
+                raise ValueError("collect_fge needs (input, target) batches")
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x.to(device)), y.to(device))
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            n_batches += 1
+            if schedule.should_snapshot:
+                snap = copy.deepcopy(net)
+                if bn_loader is not None:
+                    refresh_bn(snap, bn_loader, num_batches=num_bn_batches)
+                ensemble.add(snap.eval())
+                if len(ensemble) == size:
+                    break
+        if n_batches == 0:
+            raise ValueError("loader yielded no batches")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -76,7 +77,8 @@ class FGECallback(Callback):
         batches = trainer.num_training_batches
         if not isinstance(batches, int) or batches < 1:
             raise ValueError("FGECallback needs a training dataloader with a finite length")
-        return max(1, batches // max(1, trainer.accumulate_grad_batches))
+        # Lightning also steps on a last, partial accumulation window: ceil, not floor.
+        return math.ceil(batches / max(1, trainer.accumulate_grad_batches))
 
     def _rebuild_pending(self, pl_module: LightningModule) -> None:
         if not self._pending_states:
@@ -114,9 +116,7 @@ class FGECallback(Callback):
         per_cycle = self.cycle * self._steps_per_epoch(trainer)
         if done > 0 and done % per_cycle == per_cycle // 2 and done != self._last_snapshot_step:
             self._last_snapshot_step = done
-            was_training = self._target(pl_module).training
-            snap = copy.deepcopy(self._target(pl_module))
-            self._target(pl_module).train(was_training)
+            snap = copy.deepcopy(self._target(pl_module))  # the live model's modes untouched
             self.snapshots.append(snap.eval())
 
     def ensemble(self) -> Ensemble:
