@@ -738,3 +738,18 @@ def test_recipe_load_network_round_trip_and_refuses_other_code(tmp_path) -> None
     torch.save({"w": torch.zeros(2)}, tmp_path / "dict.pt")
     with pytest.raises(TypeError, match="nn.Module"):
         load_network(tmp_path / "dict.pt")
+
+
+@pytest.mark.parametrize("where", ["mu", "weight", "running_var"])
+def test_prune_refuses_non_finite_models(where: str) -> None:
+    net = sbp.add_noise(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                      nn.Linear(8, 2)))
+    with torch.no_grad():
+        if where == "mu":
+            sbp.sbp_layers(net)[0][1].mu[0] = float("nan")
+        elif where == "weight":
+            net.get_submodule("0").weight[0, 0] = float("inf")
+        else:
+            net.get_submodule("1").running_var[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        sbp.prune(net, example_input=torch.randn(3, 4))

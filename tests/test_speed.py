@@ -71,3 +71,11 @@ def test_measure_speedup_bad_inputs() -> None:
         measure_speedup(net, net, (4,), threads=(0,))
     with pytest.raises(ValueError, match="repeats"):
         measure_speedup(net, net, (4,), repeats=0)
+
+
+def test_measure_speedup_reads_iterators_once_and_keeps_float64() -> None:
+    big = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 4)).double()
+    small = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).double()
+    r = measure_speedup(big, small, (16,), batch_sizes=iter([1, 4]), threads=iter([1]),
+                        repeats=2, warmup=1, min_seconds=0.0)
+    assert [(row["threads"], row["batch"]) for row in r["rows"]] == [(1, 1), (1, 4)]

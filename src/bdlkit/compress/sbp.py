@@ -688,6 +688,9 @@ def prune(model: nn.Module, snr_threshold: float | None = 1.0, *,
         raise TypeError("example_input must be a batched tensor (N, ...)")
     if not sbp_layers(model):
         raise ValueError("model has no SBPNoise layers: nothing to prune (use add_noise first)")
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"model has non-finite values in {name!r}: nothing sound to prune")
     chain = list(_leaves(model))
     for name, m in chain:
         ok = isinstance(m, (*_PRODUCERS, SBPNoise, nn.Flatten, _BN)) or isinstance(
@@ -720,7 +723,7 @@ def prune(model: nn.Module, snr_threshold: float | None = 1.0, *,
             for _, m in chain:
                 h = m(h)
             tol = 1e-5 * (1.0 + ref_model.abs().max().item())
-            if h.shape != ref_model.shape or (h - ref_model).abs().max().item() > tol:
+            if h.shape != ref_model.shape or not (h - ref_model).abs().max().item() <= tol:
                 raise ValueError("prune supports Sequential-style models only: applying the "
                                  "leaf modules in registration order does not reproduce model(x)")
             h = x  # reference at `snr_threshold`, recording every module's input shape
@@ -737,7 +740,7 @@ def prune(model: nn.Module, snr_threshold: float | None = 1.0, *,
         with torch.no_grad():
             out = pruned(x)
         tol = 1e-4 * (1.0 + reference.abs().max().item())
-        if (out - reference).abs().max().item() > tol:  # pragma: no cover - internal check
+        if not (out - reference).abs().max().item() <= tol:  # pragma: no cover - internal check
             raise RuntimeError("internal error: pruned network does not reproduce the model")
         return pruned
     finally:

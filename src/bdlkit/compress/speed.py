@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -90,7 +90,7 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], repeats: int = 20, warmup
 
 
 def measure_speedup(original: nn.Module, pruned: nn.Module, input_shape: Sequence[int],
-                    batch_sizes: Sequence[int] = (1, 100), threads: Sequence[int] = (1, 2),
+                    batch_sizes: Iterable[int] = (1, 100), threads: Iterable[int] = (1, 2),
                     repeats: int = 20, warmup: int = 5, min_seconds: float = 0.02,
                     channels_last: bool = False, seed: int = 0) -> dict[str, Any]:
     """Measured CPU inference speed-up and FLOP reduction of ``pruned`` over ``original``.
@@ -122,10 +122,12 @@ def measure_speedup(original: nn.Module, pruned: nn.Module, input_shape: Sequenc
     if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"input_shape must be positive ints (without the batch dim), "
                          f"got {input_shape!r}")
+    batch_sizes, threads = tuple(batch_sizes), tuple(threads)  # iterators are read once
     for name, vals in (("batch_sizes", batch_sizes), ("threads", threads)):
-        vals = tuple(vals)
         if not vals or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
             raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {vals!r}")
+    dtype = next((p.dtype for p in original.parameters() if p.is_floating_point()),
+                 torch.get_default_dtype())  # inputs in the models' own float type
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
 
@@ -135,14 +137,14 @@ def measure_speedup(original: nn.Module, pruned: nn.Module, input_shape: Sequenc
     try:
         original.eval()
         pruned.eval()
-        x1 = torch.rand((1, *shape), generator=gen)
+        x1 = torch.rand((1, *shape), generator=gen).to(dtype)
         flops_o = count_flops(original, x1)
         flops_p = count_flops(pruned, x1)
         rows = []
         for t in threads:
             torch.set_num_threads(t)
             for bs in batch_sizes:
-                x = torch.rand((bs, *shape), generator=gen)
+                x = torch.rand((bs, *shape), generator=gen).to(dtype)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode():
