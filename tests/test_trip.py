@@ -316,3 +316,32 @@ def test_cluster_init_captures_correlated_clusters():
     # the product of 1-D marginals puts mass on the 6 empty grid cells: ~log(3) nats worse
     assert product < true - 0.8
     assert abs(clustered.item() - true.item()) < 0.05
+
+
+def test_float32_far_point_gives_minus_inf_not_nan():
+    prior = TRIP(3, 2, 2)
+    out = prior.log_prob(torch.tensor([[1e20, 0.0, 0.0], [0.1, 0.0, 0.0]]))
+    assert out[0] == -float("inf") and torch.isfinite(out[1])
+    with torch.no_grad():
+        prior.log_stds.fill_(-46.0)  # stds far below float32's resolution of z
+    assert not torch.isnan(prior.log_prob(torch.tensor([[1.0, 0.0, 0.0]]))).any()
+    with pytest.raises(ValueError, match="zero density"):
+        prior.sample(4, condition=torch.tensor([1e20, float("nan"), float("nan")]))
+
+
+def test_underflowing_ring_raises_in_float32_and_works_in_float64():
+    prior = TRIP(2, 1, 2)
+    with torch.no_grad():
+        prior.log_cores[0, 0] = torch.tensor([[0.0, 110.0], [-110.0, -110.0]])
+        prior.log_cores[1, 0] = torch.tensor([[0.0, -110.0], [-110.0, 0.0]])
+    with pytest.raises(ValueError, match="normaliser"):
+        prior.log_prob(torch.zeros(1, 2))
+    assert torch.isfinite(prior.double().log_prob(torch.zeros(1, 2, dtype=torch.float64)))
+
+
+def test_single_component_starts_at_zero_and_init_needs_two_rows():
+    assert torch.equal(TRIP(2, 1, 1).means, torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        TRIP(2, 1, 1).init_from_data(torch.randn(1, 2))
+    with pytest.raises(ValueError, match="min_std"):
+        TRIP(2, 3, 2).init_from_data(torch.randn(50, 2), min_std=float("inf"))

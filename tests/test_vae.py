@@ -189,3 +189,22 @@ def test_fit_vae_cosine_schedule_shrinks_the_last_steps():
     assert cos[-1] < 0.25 * const[-1]
     with pytest.raises(ValueError, match="lr_schedule"):
         fit_vae(VAE(2, hidden=(8,), data_dim=36), x, epochs=1, lr_schedule="linear")
+
+
+def test_vae_sample_follows_dtype_and_generator():
+    for prior in (StandardNormalPrior(4), GaussianMixturePrior(4, 3), TRIP(4, 3, 2)):
+        vae = VAE(4, prior, hidden=(8,), data_dim=16)
+        a = vae.sample(3, generator=torch.Generator().manual_seed(0))
+        b = vae.sample(3, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(a, b)
+    assert VAE(4, hidden=(8,), data_dim=16).double().sample(2).dtype == torch.float64
+
+
+def test_mixture_prior_refuses_non_finite_parameters_and_single_row_init():
+    g = GaussianMixturePrior(2, 2)
+    with pytest.raises(ValueError, match="N >= 2"):
+        GaussianMixturePrior(1, 1).init_from_data(torch.randn(1, 1))
+    with torch.no_grad():
+        g.means[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        g.log_prob(torch.zeros(1, 2))

@@ -131,7 +131,9 @@ class TRIP(nn.Module):
         if not (math.isfinite(init_std) and init_std > 0):
             raise ValueError(f"init_std must be finite and > 0, got {init_std}")
         D, d, m = dim, n_components, rank
-        means = torch.linspace(-mean_range, mean_range, d).expand(D, d).clone()
+        # (linspace(-r, r, 1) would be [-r]: a single component starts at 0)
+        means = (torch.linspace(-mean_range, mean_range, d) if d > 1 else torch.zeros(1))
+        means = means.expand(D, d).clone()
         self.raw_means = nn.Parameter(means)
         self.log_stds = nn.Parameter(torch.full((D, d), math.log(init_std)))
         # Identity-dominated cores with a little noise: close to a product of independent
@@ -233,6 +235,9 @@ class TRIP(nn.Module):
         def block(lw: torch.Tensor) -> torch.Tensor:
             # shift so that max_j w_kj * max(Q_k[j]) = 1: every factor's max entry is in [1, d]
             shift = (lw.detach() + log_qmax).amax(-1)  # (b, D)
+            # A dimension whose every component density underflowed (z far from all means)
+            # has shift -inf: shift by 0 instead, so the row's density is 0, not 0 / 0 = NaN.
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
             w = (lw - shift[..., None]).exp()
             mats = torch.bmm(w.transpose(0, 1), q_flat).reshape(D, -1, m, m)  # (D, b, m, m)
             return _log_trace_of_chain(mats) + shift.sum(-1)
@@ -248,7 +253,13 @@ class TRIP(nn.Module):
         """``log Tr(prod_k sum_j Q_k[j])`` (a scalar tensor)."""
         self._check_parameters()
         q, q_log_scale = self._scaled_cores()
-        return _log_trace_of_chain(q.sum(1)[:, None])[0] + q_log_scale.sum()
+        out = _log_trace_of_chain(q.sum(1)[:, None])[0] + q_log_scale.sum()
+        if not bool(torch.isfinite(out)):
+            raise ValueError(
+                f"the ring's normaliser is not finite in {q.dtype}: the log-cores of one "
+                "dimension span too many orders of magnitude (use .double(), or keep the "
+                "cores closer to each other)")
+        return out
 
     def log_prob(self, z: torch.Tensor, observed: torch.Tensor | None = None) -> torch.Tensor:
         """Log density of ``z`` (shape ``(..., D)``), marginalising NaN / unobserved dims.
@@ -298,7 +309,11 @@ class TRIP(nn.Module):
             w = None
             sums = q.sum(1)  # (D, m, m)
         else:
-            w = (log_w - log_w.amax(-1, keepdim=True)).exp()  # (n, D, d)
+            top = log_w.amax(-1, keepdim=True)
+            if not bool(torch.isfinite(top).all()):
+                raise ValueError("condition has zero density under every component (a fixed "
+                                 "value too far from all means for this dtype)")
+            w = (log_w - top).exp()  # (n, D, d)
             sums = torch.einsum("nkj,kjxy->nkxy", w, q)
         # suffix[k] = S_k S_{k+1} ... S_{D-1} (normalised); suffix[D] = I.
         suffix: list[torch.Tensor] = [eye if w is None else eye.repeat(n, 1, 1)]
@@ -322,6 +337,10 @@ class TRIP(nn.Module):
             p = p.clamp_min(0)
             u = torch.rand(n, 1, dtype=p.dtype, device=p.device, generator=generator)
             cdf = p.cumsum(-1)
+            total = cdf[:, -1]
+            if not bool((torch.isfinite(total) & (total > 0)).all()):
+                raise ValueError(f"component probabilities underflowed in {p.dtype} at "
+                                 f"dimension {k}; sample in float64 (.double())")
             j = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(d - 1).squeeze(-1)
             idx[:, k] = j
             qj = q[k][j]  # (n, m, m), contiguous
@@ -418,7 +437,7 @@ class TRIP(nn.Module):
             raise TypeError("z must be a floating-point torch.Tensor")
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"z must have shape (N, {self.dim}), got {tuple(z.shape)}")
-        need = max(self.n_components, self.rank if cluster_init else 1)
+        need = max(2, self.n_components, self.rank if cluster_init else 1)  # 2: a std
         if z.shape[0] < need:
             raise ValueError(
                 f"z needs at least {need} rows (n_components={self.n_components}"
@@ -427,8 +446,9 @@ class TRIP(nn.Module):
         if not bool(torch.isfinite(z).all()):
             raise ValueError("z must be finite")
         check_positive_int("n_iter", n_iter)
-        if not (min_std > 0):
-            raise ValueError(f"min_std must be > 0, got {min_std}")
+        if isinstance(min_std, bool) or not isinstance(min_std, (int, float)) \
+                or not (math.isfinite(min_std) and min_std > 0):
+            raise ValueError(f"min_std must be a finite float > 0, got {min_std!r}")
         x = z.detach().to(torch.float64)
         d = self.n_components
         data_std = x.std(0).clamp_min(1e-6)  # (D,)

@@ -68,15 +68,30 @@ class StandardNormalPrior(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
+        # Empty, not saved: lets .double() / .to(device) set the dtype and device of samples.
+        self.register_buffer("_like", torch.empty(0), persistent=False)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log N(z | 0, I)`` over the last dimension.
+
+        Example:
+            >>> StandardNormalPrior(1).log_prob(torch.zeros(2, 1)).shape
+            torch.Size([2])
+        """
         _check_latent(z, self.dim)
         return -0.5 * (z * z + _LOG_2PI).sum(-1)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws, shape ``(n, dim)``, in the prior's dtype and device.
+
+        Example:
+            >>> StandardNormalPrior(3).double().sample(2).dtype
+            torch.float64
+        """
         check_positive_int("n", n)
-        return torch.randn(n, self.dim, generator=generator)
+        return torch.randn(n, self.dim, generator=generator, dtype=self._like.dtype,
+                           device=self._like.device)
 
 
 class GaussianMixturePrior(nn.Module):
@@ -99,7 +114,17 @@ class GaussianMixturePrior(nn.Module):
         self.logits = nn.Parameter(torch.zeros(n_components))
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log density of ``z`` (shape ``(..., dim)``) under the mixture.
+
+        Example:
+            >>> GaussianMixturePrior(2, 3).log_prob(torch.zeros(4, 2)).shape
+            torch.Size([4])
+        """
         _check_latent(z, self.dim)
+        for name, p in (("means", self.means), ("log_stds", self.log_stds),
+                        ("logits", self.logits)):
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"mixture parameter {name} contains non-finite values")
         diff = (z[..., None, :] - self.means) / self.log_stds.exp()
         comp = -0.5 * (diff * diff + _LOG_2PI).sum(-1) - self.log_stds.sum(-1)
         return torch.logsumexp(comp + torch.log_softmax(self.logits, -1), -1)
@@ -116,8 +141,9 @@ class GaussianMixturePrior(nn.Module):
     def init_from_data(self, z: torch.Tensor, generator: torch.Generator | None = None) -> Any:
         """Means = random data points, stds = data std / K^(1/D), equal weights."""
         _check_latent(z, self.dim)
-        if z.dim() != 2 or z.shape[0] < self.n_components:
-            raise ValueError(f"z must have shape (N >= {self.n_components}, {self.dim})")
+        need = max(2, self.n_components)  # 2: a standard deviation needs two points
+        if z.dim() != 2 or z.shape[0] < need:
+            raise ValueError(f"z must have shape (N >= {need}, {self.dim})")
         if not bool(torch.isfinite(z).all()):
             raise ValueError("z must be finite")
         idx = torch.randperm(z.shape[0], generator=generator)[: self.n_components]
@@ -260,7 +286,7 @@ class VAE(nn.Module):
     def sample(self, n: int, mean: bool = True, generator: torch.Generator | None = None
                ) -> torch.Tensor:
         """``n`` images ``(n, 1, 28, 28)`` (pixel probabilities if ``mean`` else binary)."""
-        z = self.prior.sample(n)
+        z = self.prior.sample(n, generator=generator)
         return self.decode_images(z, mean=mean, generator=generator)
 
     @torch.no_grad()
