@@ -753,3 +753,22 @@ def test_prune_refuses_non_finite_models(where: str) -> None:
             net.get_submodule("1").running_var[0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         sbp.prune(net, example_input=torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("mu, log_sigma", [(4.0, -17.0), (1.0, -19.0), (0.3, -15.0), (2.0, -12.0)])
+def test_kl_gradient_in_the_far_upper_tail(mu: float, log_sigma: float) -> None:
+    # μ > 0 with tiny σ: KL ≈ log 20 − 1 − 2 log σ + log μ + ..., so ∂/∂μ = 1/μ and
+    # ∂/∂log σ = −2 (torch's erfcx derivative cancels catastrophically here).
+    m = torch.tensor([mu], dtype=torch.float64, requires_grad=True)
+    ls = torch.tensor([log_sigma], dtype=torch.float64, requires_grad=True)
+    d_mu, d_ls = torch.autograd.grad(sbp.truncated_lognormal_stats(m, ls)["kl"].sum(), (m, ls))
+    assert d_mu.item() == pytest.approx(1.0 / mu, rel=1e-6)
+    assert d_ls.item() == pytest.approx(-2.0, rel=1e-6)
+    h = 1e-4
+
+    def kl_at(a: float, b: float) -> float:
+        return sbp.truncated_lognormal_stats(torch.tensor([a], dtype=torch.float64),
+                                             torch.tensor([b], dtype=torch.float64))["kl"].item()
+
+    assert d_mu.item() == pytest.approx((kl_at(mu + h, log_sigma) - kl_at(mu - h, log_sigma))
+                                        / (2 * h), rel=1e-5)

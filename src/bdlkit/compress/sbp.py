@@ -103,11 +103,30 @@ def _by_branch(neg: torch.Tensor, fn_tail: Any, fn_mid: Any, *args: torch.Tensor
     return out.index_copy(-1, ti, out_t).index_copy(-1, mi, out_m)
 
 
+def _log_half_e(e: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """log(E/2) for E = erfcx(x_b) − erfcx(x_a) e^{-(x_a² − x_b²)}, with a usable gradient.
+
+    Beyond x_b = 100 the second term of E is exactly 0 in the clip range (x_a ≥ 5 x_b), and
+    torch's derivative of erfcx, 2x·erfcx(x) − 2/√π, cancels catastrophically (at x ~ 1e8 the
+    gradient of the KL came out as 0 instead of 1/μ). There the asymptotic series
+    erfcx(x) = (1 − 1/(2x²) + 3/(4x⁴) − 15/(8x⁶) …)/(x√π) is used for value and gradient.
+    """
+    big = xb > _SERIES_FROM
+    direct = torch.log(0.5 * e)
+    if not bool(big.any()):
+        return direct
+    xs = torch.where(big, xb, torch.full_like(xb, _SERIES_FROM))
+    inv2 = 1.0 / (xs * xs)
+    series = (math.log(0.5 / _SQRTPI) - torch.log(xs)
+              + torch.log1p(inv2 * (-0.5 + inv2 * (0.75 - 1.875 * inv2))))
+    return torch.where(big, series, direct)
+
+
 def _s_tail(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     # β ≤ 0: Z = ½ e^{-β²/2} E with E = erfcx(x_b) − erfcx(x_a) e^{-(x_a² − x_b²)}
     xb, xa = -beta / _SQRT2, -alpha / _SQRT2
     e = erfcx(xb) - erfcx(xa) * torch.exp(-(xa - xb) * (xa + xb))
-    return torch.log(0.5 * e)
+    return _log_half_e(e, xb)
 
 
 def _s_mid(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -137,7 +156,7 @@ def _kl_tail(log_sigma: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -
         h = torch.where(big, series, 1.0 / (_SQRTPI * e) - xb)
     else:
         h = 1.0 / (_SQRTPI * e) - xb
-    return -log_sigma - torch.log(0.5 * e) - xb * h + xa * d / (_SQRTPI * e)
+    return -log_sigma - _log_half_e(e, xb) - xb * h + xa * d / (_SQRTPI * e)
 
 
 def _kl_mid(log_sigma: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
