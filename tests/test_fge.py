@@ -331,3 +331,13 @@ def test_lightning_callback_snapshot_keeps_the_live_model_modes():
     cb.on_train_batch_end(trainer, module, None, None, 0)
     assert len(cb.snapshots) == 1 and not cb.snapshots[0].training
     assert module.net.training and not module.net[1].training
+
+
+def test_ensemble_of_float32_and_float64_members():
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2).double()
+    x = torch.randn(4, 3)
+    expected = (F.softmax(a(x), -1) + F.softmax(b(x.double()), -1).float()) / 2
+    ens = Ensemble([a, b])
+    torch.testing.assert_close(ens.predict([x]), expected.detach())
+    assert ens.predict_uncertainty([x])["probs"].shape == (4, 2)

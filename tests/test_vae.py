@@ -208,3 +208,8 @@ def test_mixture_prior_refuses_non_finite_parameters_and_single_row_init():
         g.means[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         g.log_prob(torch.zeros(1, 2))
+
+
+def test_binarize_refuses_nan():
+    with pytest.raises(ValueError, match="no NaN"):
+        binarize(torch.tensor([0.5, float("nan")]))

@@ -178,6 +178,14 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _fit_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on ``model``'s device and, if floating, in its float dtype (members may differ)."""
+    ref = next((t for t in model.parameters() if t.is_floating_point()), None)
+    if ref is None:
+        return x.to(_device_of(model))
+    return x.to(device=ref.device, dtype=ref.dtype) if x.is_floating_point() else x.to(ref.device)
+
+
 class Ensemble(nn.Module):
     """An equally weighted ensemble: ``forward`` returns the mean of the members' softmaxes.
 
@@ -217,9 +225,9 @@ class Ensemble(nn.Module):
         """Mean of the members' softmax probabilities over the last dimension."""
         if len(self.members) == 0:
             raise ValueError("the ensemble has no members")
-        probs = F.softmax(self.members[0](x), dim=-1)
+        probs = F.softmax(self.members[0](_fit_input(self.members[0], x)), dim=-1)
         for m in self.members[1:]:
-            probs = probs + F.softmax(m(x), dim=-1)
+            probs = probs + F.softmax(m(_fit_input(m, x)), dim=-1).to(probs)
         return probs / len(self.members)
 
     def refresh_bn(self, loader: Iterable[Any], num_batches: int | None = None) -> Ensemble:
@@ -258,7 +266,7 @@ class Ensemble(nn.Module):
         with self._members_in_eval():
             for batch in loader:
                 x = _batch_input(batch)
-                probs.append(self(x.to(_device_of(self.members[0]))).float().cpu())
+                probs.append(self(x).float().cpu())
                 if return_labels:
                     y = _batch_target(batch)
                     if y is None:
@@ -295,8 +303,9 @@ class Ensemble(nn.Module):
         aleatoric: list[torch.Tensor] = []
         with self._members_in_eval():
             for batch in loader:
-                x = _batch_input(batch).to(_device_of(self.members[0]))
-                each = [F.softmax(m(x), dim=-1).float().cpu() for m in self.members]
+                x = _batch_input(batch)
+                each = [F.softmax(m(_fit_input(m, x)), dim=-1).float().cpu()
+                        for m in self.members]
                 probs.append(torch.stack(each).mean(0))
                 aleatoric.append(torch.stack([predictive_entropy(q) for q in each]).mean(0))
         if not probs:

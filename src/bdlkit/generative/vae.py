@@ -52,9 +52,11 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point torch.Tensor")
-    if bool(((x < 0) | (x > 1)).any()):
-        raise ValueError("x must lie in [0, 1]")
-    return (torch.rand(x.shape, generator=generator, dtype=x.dtype) < x).to(x.dtype)
+    if not bool(((x >= 0) & (x <= 1)).all()):  # NaN fails this test too
+        raise ValueError("x must lie in [0, 1] (no NaN)")
+    device = x.device if generator is None else generator.device
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+    return (u < x).to(x.dtype)
 
 
 class StandardNormalPrior(nn.Module):
