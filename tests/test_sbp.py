@@ -772,3 +772,24 @@ def test_kl_gradient_in_the_far_upper_tail(mu: float, log_sigma: float) -> None:
 
     assert d_mu.item() == pytest.approx((kl_at(mu + h, log_sigma) - kl_at(mu - h, log_sigma))
                                         / (2 * h), rel=1e-5)
+
+
+@pytest.mark.parametrize("mu, log_sigma", [(5.0, -8.0), (1.0, -10.0), (0.0, -20.0), (2.0, -17.0),
+                                           (0.3, -6.0), (-5.0, -14.0)])
+def test_variance_and_snr_match_high_precision_moments(mu: float, log_sigma: float) -> None:
+    # With μ ≥ 0 and tiny σ, Var[θ] / E[θ]² falls far below float64 resolution of the
+    # log-moment formula; the reference here uses 60-digit arithmetic.
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 60
+    s = mp.e ** log_sigma
+    a, b = (sbp.LOWER - mu) / s, (sbp.UPPER - mu) / s
+
+    def moment(t: int):  # noqa: ANN202
+        return (mp.e ** (t * mu + t * t * s * s / 2) * (mp.ncdf(b - t * s) - mp.ncdf(a - t * s))
+                / (mp.ncdf(b) - mp.ncdf(a)))
+
+    var = moment(2) - moment(1) ** 2
+    stats = sbp.truncated_lognormal_stats(torch.tensor([mu], dtype=torch.float64),
+                                          torch.tensor([log_sigma], dtype=torch.float64))
+    assert stats["var"].item() == pytest.approx(float(var), rel=1e-4)
+    assert stats["snr"].item() == pytest.approx(float(moment(1) / mp.sqrt(var)), rel=1e-4)

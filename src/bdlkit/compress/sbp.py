@@ -64,6 +64,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _HALF_LOG_2PIE = 0.5 * math.log(2.0 * math.pi * math.e)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _SERIES_FROM = 100.0  # use the asymptotic series of 1/(√π erfcx(x)) − x beyond this x
+_TINY_LOG_VAR_RATIO = 1e-10  # below this, log E[θ²] − 2 log E[θ] comes from Var[log θ]
 _MIN_LOG_VAR_RATIO = 1e-60  # floor of log E[θ²] − 2 log E[θ]; keeps SNR ≤ 1e30 (finite in fp32)
 
 
@@ -177,6 +178,22 @@ def _kl_from(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     return kl + math.log(UPPER - LOWER) - _HALF_LOG_2PIE
 
 
+def _var_ratio_upper(beta: torch.Tensor) -> torch.Tensor:
+    """Var[X] of X ~ N(0, 1) truncated above at ``beta`` (no lower bound): 1 − βλ − λ².
+
+    λ = φ(β)/Φ(β). Beyond −β = 100 the three terms cancel, and the asymptotic series
+    1/β² − 6/β⁴ + 50/β⁶ − 518/β⁸ + 6354/β¹⁰ is used instead.
+    """
+    x = -beta
+    big = x > _SERIES_FROM
+    b = torch.where(big, torch.full_like(beta, -_SERIES_FROM), beta)
+    lam = _mills_lower(b)
+    direct = 1.0 - b * lam - lam * lam
+    inv2 = 1.0 / torch.where(big, x, torch.full_like(x, _SERIES_FROM)) ** 2
+    series = inv2 * (1.0 + inv2 * (-6.0 + inv2 * (50.0 + inv2 * (-518.0 + 6354.0 * inv2))))
+    return torch.where(big, series, direct)
+
+
 def _moments_from(mu: torch.Tensor, log_sigma: torch.Tensor,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log E[θ], log E[θ²] − 2 log E[θ], SNR) for clipped float64 μ, log σ.
@@ -196,7 +213,15 @@ def _moments_from(mu: torch.Tensor, log_sigma: torch.Tensor,
     log_e1 = poly1 + s1 - s0
     # log E[θ²] − 2 log E[θ]; polynomial part is 0 (β ≤ 0) or σ² − ½m2² + m1² (β > 0).
     dpoly = torch.where(neg, torch.zeros_like(mu), sigma**2 - 0.5 * m2**2 + m1**2)
-    dlog = (dpoly + (s2 - 2.0 * s1 + s0)).clamp(min=_MIN_LOG_VAR_RATIO)
+    dlog = dpoly + (s2 - 2.0 * s1 + s0)
+    # For β ≤ 0 all of dlog sits in the s-terms, which are O(log|β|) each: once dlog falls
+    # below ~1e-10 their sum is rounding noise. There dlog = κ2 + κ3 + ... of log θ, and
+    # κ2 = Var[log θ] = σ²·v(β) alone is accurate to ~1e-5 relative (κ3/κ2 ~ √κ2); the far
+    # lower bound (α < −20/σ) contributes nothing at such σ.
+    tiny = neg & (dlog < _TINY_LOG_VAR_RATIO)
+    if bool(tiny.any()):
+        dlog = torch.where(tiny, sigma**2 * _var_ratio_upper(beta), dlog)
+    dlog = dlog.clamp(min=_MIN_LOG_VAR_RATIO)
     snr = torch.rsqrt(torch.expm1(dlog))
     return log_e1, dlog, snr
 
