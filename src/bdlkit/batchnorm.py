@@ -98,16 +98,15 @@ def refresh_bn(
     bns = _tracked_bns(model)
     if not bns:
         return model
-    saved_momentum = {bn: bn.momentum for bn in bns}
     with kept_modes(model):
-        _refresh(model, bns, loader, num_batches, call, saved_momentum)
+        _refresh(model, bns, loader, num_batches, call)
     return model
 
 
 def _refresh(model: nn.Module, bns: list[nn.modules.batchnorm._BatchNorm], loader: Iterable[Any],
-             num_batches: int | None, call: Callable[[nn.Module, Any], Any],
-             saved_momentum: dict[nn.Module, float | None]) -> None:
+             num_batches: int | None, call: Callable[[nn.Module, Any], Any]) -> None:
     """The body of :func:`refresh_bn`; on any failure the old statistics are put back."""
+    saved_momentum = {bn: bn.momentum for bn in bns}
     saved_stats = {bn: (bn.running_mean.clone(), bn.running_var.clone(),
                         bn.num_batches_tracked.clone()) for bn in bns}
     try:

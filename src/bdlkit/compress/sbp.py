@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.special import erfcx, log_ndtr, ndtr, ndtri
 
+from bdlkit._modes import kept_modes
+
 __all__ = [
     "SBPNoise", "add_noise", "kl", "sgvlb", "clip_", "sbp_layers", "kept_units", "prune",
     "truncated_lognormal_stats",
@@ -755,8 +757,7 @@ def prune(model: nn.Module, snr_threshold: float | None = 1.0, *,
             raise ValueError(f"SBP layer {name!r} has a bias but does not directly follow a "
                              "bias-free linear/conv layer (as add_noise places it)")
 
-    was_training = [m.training for m in model.modules()]
-    try:
+    with kept_modes(model):
         model.eval()
         x = example_input.detach()
         with torch.no_grad():
@@ -787,9 +788,6 @@ def prune(model: nn.Module, snr_threshold: float | None = 1.0, *,
         if not (out - reference).abs().max().item() <= tol:  # pragma: no cover - internal check
             raise RuntimeError("internal error: pruned network does not reproduce the model")
         return pruned
-    finally:
-        for m, t in zip(model.modules(), was_training, strict=True):
-            m.training = t
 
 
 def _build(chain: list[tuple[str, nn.Module]], shapes: list[tuple[int, ...]],

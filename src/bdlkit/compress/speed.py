@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bdlkit._modes import kept_modes
+
 __all__ = ["count_flops", "measure_speedup", "time_interleaved"]
 
 
@@ -131,39 +133,37 @@ def measure_speedup(original: nn.Module, pruned: nn.Module, input_shape: Sequenc
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
 
-    modes = [(m, m.training) for mod in (original, pruned) for m in mod.modules()]
     old_threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(seed)
-    try:
-        original.eval()
-        pruned.eval()
-        x1 = torch.rand((1, *shape), generator=gen).to(dtype)
-        flops_o = count_flops(original, x1)
-        flops_p = count_flops(pruned, x1)
-        rows = []
-        for t in threads:
-            torch.set_num_threads(t)
-            for bs in batch_sizes:
-                x = torch.rand((bs, *shape), generator=gen).to(dtype)
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode():
-                    so, sp = time_interleaved([lambda x=x: original(x), lambda x=x: pruned(x)],
-                                              repeats=repeats, warmup=warmup,
-                                              min_seconds=min_seconds)
-                mo, mp = statistics.median(so), statistics.median(sp)
-                rows.append({
-                    "threads": t, "batch": bs,
-                    "original_ms": 1e3 * mo, "pruned_ms": 1e3 * mp,
-                    "original_ms_min": 1e3 * min(so), "original_ms_max": 1e3 * max(so),
-                    "pruned_ms_min": 1e3 * min(sp), "pruned_ms_max": 1e3 * max(sp),
-                    "speedup": mo / mp,
-                    "speedup_min": min(so) / max(sp), "speedup_max": max(so) / min(sp),
-                    "speedup_of_minima": min(so) / min(sp),
-                })
-    finally:
-        torch.set_num_threads(old_threads)
-        for m, flag in modes:
-            m.training = flag
+    with kept_modes(original, pruned):
+        try:
+            original.eval()
+            pruned.eval()
+            x1 = torch.rand((1, *shape), generator=gen).to(dtype)
+            flops_o = count_flops(original, x1)
+            flops_p = count_flops(pruned, x1)
+            rows = []
+            for t in threads:
+                torch.set_num_threads(t)
+                for bs in batch_sizes:
+                    x = torch.rand((bs, *shape), generator=gen).to(dtype)
+                    if channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.inference_mode():
+                        so, sp = time_interleaved([lambda x=x: original(x), lambda x=x: pruned(x)],
+                                                  repeats=repeats, warmup=warmup,
+                                                  min_seconds=min_seconds)
+                    mo, mp = statistics.median(so), statistics.median(sp)
+                    rows.append({
+                        "threads": t, "batch": bs,
+                        "original_ms": 1e3 * mo, "pruned_ms": 1e3 * mp,
+                        "original_ms_min": 1e3 * min(so), "original_ms_max": 1e3 * max(so),
+                        "pruned_ms_min": 1e3 * min(sp), "pruned_ms_max": 1e3 * max(sp),
+                        "speedup": mo / mp,
+                        "speedup_min": min(so) / max(sp), "speedup_max": max(so) / min(sp),
+                        "speedup_of_minima": min(so) / min(sp),
+                    })
+        finally:
+            torch.set_num_threads(old_threads)
     return {"flops_original": flops_o, "flops_pruned": flops_p,
             "flop_reduction": flops_o / max(flops_p, 1), "rows": rows}

@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from bdlkit._checks import check_positive_int
 from bdlkit._modes import kept_modes
+from bdlkit.batchnorm import _first_device as _device_of
 from bdlkit.batchnorm import refresh_bn
 from bdlkit.metrics import predictive_entropy
 
@@ -170,12 +171,6 @@ def _batch_target(batch: Any) -> torch.Tensor | None:
             if key in batch:
                 return batch[key]
     return None
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _fit_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
